@@ -1,0 +1,222 @@
+"""Typed configuration for a whole run: one YAML file, one section per stage, `--set a.b=c` overrides.
+
+Relative paths in a config are resolved against the folder that holds the config file, so a run gives the same
+result from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtune.errors import MedtuneError
+
+GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(Section):
+    """Where the base model comes from: a hub id, a local HF directory, a GGUF file or `pkg:<package>/<file.gguf>`."""
+
+    model: str
+    revision: str | None = None
+
+
+class DataConfig(Section):
+    path: Path | None = None
+    dataset: str | None = None  # hub dataset id, e.g. lingshu-medical-mllm/ReasonMed
+    data_file: str | None = None  # file inside the hub dataset, e.g. ReasonMed.json
+    revision: str | None = None
+    schema_: Literal["auto", "reasonmed"] = Field("auto", alias="schema")
+    system_prompt: str | None = None
+    max_len: int = Field(512, gt=16)
+    length_policy: Literal["truncate", "drop"] = "truncate"
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    limit: int | None = Field(None, gt=0)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("set exactly one of data.path (a local file) or data.dataset (a hub dataset id)")
+        if self.dataset is not None and self.data_file is None:
+            raise ValueError("data.data_file is required with data.dataset (e.g. ReasonMed.json)")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainConfig(Section):
+    lora: LoraConfig = LoraConfig()
+    optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    logging_steps: int = Field(1, gt=0)
+    threads: int | None = Field(None, gt=0)
+
+
+class MergeConfig(Section):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    check_prompts: list[str] = [
+        "Which vitamin deficiency causes scurvy?",
+        "A 60-year-old man has crushing chest pain radiating to the left arm. What is the first test to order?",
+    ]
+    tolerance: float | None = Field(None, gt=0)  # None: chosen from the dtype
+
+
+class ExportConfig(Section):
+    name: str
+    types: list[str] = ["F16", "Q8_0", "Q5_K_M", "Q4_K_M"]
+    check_prompt: str = "Which organ produces insulin? Answer in one sentence."
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; choose from {list(GGUF_TYPES)}")
+        if "F16" not in value and "BF16" not in value:
+            raise ValueError("types must include F16 or BF16: every quantization starts from it")
+        return value
+
+
+class ChatConfig(Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(1024, gt=0)
+    n_ctx: int = Field(4096, gt=0)
+
+
+class BenchmarkConfig(Section):
+    name: str
+    path: Path
+
+
+class EvalConfig(Section):
+    benchmarks: list[BenchmarkConfig] = []
+    models: list[str] = ["Q4_K_M"]  # GGUF types of this run, "merged", or paths
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(512, gt=0)
+
+
+class Config(Section):
+    name: str
+    run_dir: Path
+    seed: int = 42
+    base: BaseModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    export: ExportConfig
+    chat: ChatConfig = ChatConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def section_dump(self, name: str) -> dict[str, Any]:
+        """A stage's section as plain JSON-able data (used for fingerprints and manifests)."""
+        return getattr(self, name).model_dump(mode="json", by_alias=True)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-4, true, null, [a, b] all mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MedtuneError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MedtuneError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+
+
+def _resolve_paths(cfg: Config, root: Path) -> None:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else (root / p).resolve()
+
+    cfg.run_dir = resolve(cfg.run_dir)
+    if cfg.data.path is not None:
+        cfg.data.path = resolve(cfg.data.path)
+    for bench in cfg.eval.benchmarks:
+        bench.path = resolve(bench.path)
+    base = cfg.base.model
+    if base.startswith((".", "/")) and not base.startswith("pkg:"):
+        cfg.base.model = str(resolve(Path(base)))
+
+
+def _check_files(cfg: Config, source: str) -> None:
+    if cfg.data.path is not None and not cfg.data.path.is_file():
+        raise MedtuneError(f"{source}: data.path: file not found: {cfg.data.path}")
+    for i, bench in enumerate(cfg.eval.benchmarks):
+        if not bench.path.is_file():
+            raise MedtuneError(f"{source}: eval.benchmarks[{i}].path: file not found: {bench.path}")
+    base = cfg.base.model
+    if base.startswith("/") and not Path(base).exists():
+        raise MedtuneError(f"{source}: base.model: path not found: {base}")
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__") or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: {loc}: unknown key (check its spelling and section)"
+    if first["type"] == "missing":
+        return f"{source}: {loc}: required key is missing"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) or first["type"].startswith("value_error") else f", got {got!r}"
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{got_text}{more}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override, validate and resolve a run config; every problem is one MedtuneError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedtuneError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise MedtuneError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise MedtuneError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise MedtuneError(f"{path}: expected a mapping of sections (base, data, train, ...) at the top level")
+    apply_overrides(raw, overrides or [])
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise MedtuneError(_format_error(str(path), err)) from None
+    _resolve_paths(cfg, path.resolve().parent)
+    _check_files(cfg, str(path))
+    return cfg

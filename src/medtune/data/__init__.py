@@ -1,0 +1,1 @@
+"""The data stage: read and validate records, render them with the chat template, mask, split, write."""

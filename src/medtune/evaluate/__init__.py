@@ -1,0 +1,1 @@
+"""The evaluation stage: multiple-choice medical benchmarks, answer extraction, accuracy with intervals."""

@@ -1,0 +1,106 @@
+"""HF -> GGUF conversion and quantization with the very llama.cpp that runs the files.
+
+The converter (`convert_hf_to_gguf.py`, its `conversion/` package and its own `gguf-py`) is taken from the source
+archive of the installed llama-cpp-python version, fetched from PyPI once and cached under
+`$MEDTUNE_CACHE/llama.cpp/<version>/`. Converter and runtime therefore always come from the same llama.cpp commit,
+no git clone is needed, and PyPI is the only network access. The converter runs in its own process with its own
+`gguf-py` first on the path, so it never mixes with the PyPI `gguf` package that transformers uses.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from medtune.errors import MedtuneError
+from medtune.models import cache_dir
+
+# What the file name says, mapped to llama.cpp's ftype names (LLAMA_FTYPE_MOSTLY_*).
+FTYPES = {
+    "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K_M", "Q5_K_S": "Q5_K_S",
+    "Q4_K_M": "Q4_K_M", "Q4_K_S": "Q4_K_S", "Q4_0": "Q4_0", "Q3_K_M": "Q3_K_M", "Q2_K": "Q2_K",
+}
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise MedtuneError("llama-cpp-python is not installed; run `make install`") from None
+
+
+def file_name(name: str, gguf_type: str) -> str:
+    """The seed's names: `<name>-fp16.gguf`, `<name>-Q4_K_M.gguf`, ..."""
+    suffix = {"F16": "fp16", "BF16": "bf16"}.get(gguf_type, gguf_type)
+    return f"{name}-{suffix}.gguf"
+
+
+def _download_sdist(version: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+           f"llama-cpp-python=={version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise MedtuneError(
+            f"could not fetch the llama-cpp-python {version} source archive from PyPI (it carries the GGUF converter): "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no archive'}; "
+            "set MEDTUNE_LLAMA_CPP_SDIST to a local copy of the archive"
+        )
+    return found[0]
+
+
+def converter_dir() -> Path:
+    """The cached converter of the installed llama.cpp version, fetched and unpacked on first use."""
+    version = llama_cpp_version()
+    root = cache_dir() / "llama.cpp" / version
+    if (root / "convert_hf_to_gguf.py").is_file():
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.environ.get("MEDTUNE_LLAMA_CPP_SDIST")
+        sdist = Path(local) if local else _download_sdist(version, Path(tmp))
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        staging = Path(tmp) / "src"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(CONVERTER_PARTS)]
+            if not any(m.name.endswith("convert_hf_to_gguf.py") for m in members):
+                raise MedtuneError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py for version {version}")
+            tar.extractall(staging, members=members, filter="data")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.move(str(staging / prefix), partial)
+        partial.rename(root)
+    return root
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
+    """Run llama.cpp's converter in its own process with its own gguf-py."""
+    src = converter_dir()
+    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+    env.pop("NO_LOCAL_GGUF", None)  # that variable would make the converter use the PyPI gguf
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+           "--outfile", str(outfile)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not outfile.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise MedtuneError(f"export: llama.cpp's converter failed on {model_dir}:\n{tail}")
+
+
+def quantize(source: Path, target: Path, gguf_type: str, threads: int | None = None) -> None:
+    """Quantize with llama.cpp's own `llama_model_quantize` (the code behind the `llama-quantize` tool)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[gguf_type]}")
+    params.nthread = threads or os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0 or not target.is_file():
+        raise MedtuneError(f"export: llama.cpp failed to quantize {source.name} to {gguf_type} (code {code})")

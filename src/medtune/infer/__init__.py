@@ -1,0 +1,1 @@
+"""Running models: llama.cpp for GGUF files, transformers for HF directories; chat and one-shot answers."""

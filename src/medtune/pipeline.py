@@ -1,0 +1,91 @@
+"""Runs the stages in order and skips those whose inputs and config did not change since they last finished.
+
+A stage's fingerprint hashes its config sections, the medtune version, the fingerprint of the stage it reads from
+and the bytes of its own input files; it is stored in the stage's manifest. Nothing heavy is imported here, so
+deciding that everything is up to date takes well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtune import __version__
+from medtune.artifacts import RunDir, atomic_write_json, fingerprint, sha256_file, write_manifest
+from medtune.config import Config
+from medtune.ui import UI
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the CLI command
+    folder: str  # its folder in the run directory
+    upstream: str | None  # the stage whose folder it reads
+    sections: tuple[str, ...]  # config sections it depends on
+    module: str
+
+
+STAGES = (
+    Stage("data", "prepared", None, ("base", "data", "seed"), "medtune.data.prepare"),
+    Stage("train", "adapter", "data", ("train", "seed"), "medtune.train.stage"),
+    Stage("merge", "merged", "train", ("merge", "chat"), "medtune.merge"),
+    Stage("export", "gguf", "merge", ("export",), "medtune.export.stage"),
+    Stage("eval", "eval", "export", ("eval", "chat"), "medtune.evaluate.stage"),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def _file_hash(run_dir: RunDir, path: Path) -> str:
+    """sha256 of an input file, remembered by (path, size, mtime) so unchanged large files are not re-read."""
+    index_path = run_dir / "input_hashes.json"
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = {}
+    if index_path.is_file():
+        import json
+
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    if key not in index:
+        index[key] = sha256_file(path)
+        atomic_write_json(index_path, index)
+    return index[key]
+
+
+def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
+    dump = cfg.model_dump(mode="json", by_alias=True)
+    parts: dict[str, Any] = {"stage": stage.name, "medtune": __version__, "config": {s: dump[s] for s in stage.sections}}
+    if stage.upstream:
+        manifest = run_dir.manifest(BY_NAME[stage.upstream].folder)
+        parts["upstream"] = manifest["fingerprint"] if manifest else None
+    if stage.name == "data" and cfg.data.path is not None:
+        parts["input"] = _file_hash(run_dir, cfg.data.path)
+    if stage.name == "eval":
+        parts["inputs"] = [_file_hash(run_dir, b.path) for b in cfg.eval.benchmarks]
+    return fingerprint(parts)
+
+
+def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, Any]:
+    """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
+    fp = stage_fingerprint(stage, cfg, run_dir)
+    module = importlib.import_module(stage.module)
+    with run_dir.atomic(stage.folder) as out:
+        results = module.run(cfg, run_dir, out, ui)
+        dump = cfg.model_dump(mode="json", by_alias=True)
+        write_manifest(out, stage.name, fp, {s: dump[s] for s in stage.sections}, results)
+    return results
+
+
+def run_all(cfg: Config, run_dir: RunDir, ui: UI, force: bool = False) -> dict[str, str]:
+    """Every stage in order; returns {stage: "ran" | "up to date"}."""
+    status = {}
+    for stage in STAGES:
+        if not force and run_dir.is_current(stage.folder, stage_fingerprint(stage, cfg, run_dir)):
+            status[stage.name] = "up to date"
+            ui.log(f"{stage.name}: up to date, skipped")
+            continue
+        ui.log(f"[bold]{stage.name}[/]: running")
+        run_stage(stage, cfg, run_dir, ui)
+        status[stage.name] = "ran"
+    return status

@@ -1,0 +1,49 @@
+"""The end-of-run summary: every artifact with its path and size, a sample answer, the eval table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medtune import DISCLAIMER
+from medtune.artifacts import RunDir
+from medtune.config import Config
+from medtune.pipeline import STAGES
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {cfg.name}: {run_dir.root}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("artifact")
+    table.add_column("size", justify="right")
+    for stage in STAGES:
+        manifest = run_dir.manifest(stage.folder)
+        if manifest is None:
+            table.add_row(stage.name, "(not run)", "")
+            continue
+        for entry in manifest["files"]:
+            table.add_row(stage.name, str(run_dir / stage.folder / entry["path"]), _size(entry["bytes"]))
+    console.print(table)
+
+    export = run_dir.manifest("gguf")
+    if export:
+        files = export["results"]["files"]
+        sample_type = "Q4_K_M" if "Q4_K_M" in files else next(iter(files))
+        sample = files[sample_type]
+        console.print(f"\n[bold]Sample answer from {sample['file']}[/] to: {cfg.export.check_prompt!r}")
+        console.print(sample["runtime"]["text"].strip(), markup=False, highlight=False)
+    evaluation = run_dir.manifest("eval")
+    if evaluation:
+        console.print(f"\n[bold]Evaluation[/] ({run_dir / 'eval' / 'results.md'})")
+        console.print((run_dir / "eval" / "results.md").read_text(encoding="utf-8").split("\n\n")[0],
+                      markup=False, highlight=False)
+    console.print(f"\n[dim italic]{DISCLAIMER}[/]")
