@@ -54,10 +54,10 @@ class LlamaCppEngine(Engine):
                                                      max_tokens=max_tokens, stream=True)
             for chunk in chunks:
                 choice = chunk["choices"][0]
-                piece = choice["delta"].get("content")
-                if piece:
+                if "content" in choice["delta"]:  # one chunk per generated token, even when it prints nothing
                     self.completion_tokens += 1
-                    yield piece
+                    if choice["delta"]["content"]:
+                        yield choice["delta"]["content"]
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
         except ValueError as exc:

@@ -174,7 +174,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
                 with autocast():
                     loss, _ = token_loss_sum(model, batch)
                 scaler.scale(loss / n_target).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 seen_tokens += int(batch["attention_mask"].sum())
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))

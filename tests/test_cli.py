@@ -1,0 +1,40 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def medtune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medtune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; sys.argv = ['medtune', '--help']\nimport medtune.cli\n"
+            "try:\n    medtune.cli.app()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'llama_cpp', 'peft') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in out.stdout
+    for command in ("data", "train", "merge", "export", "chat", "eval", "run"):
+        assert command in out.stdout
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    for args, needle in [
+        (["run", "configs/demo.yaml", "--set", "train.nope=1"], "train.nope: unknown key"),
+        (["run", "configs/demo.yaml", "--set", "train.epochs=many"], "train.epochs"),
+        (["run", "configs/demo.yaml", "--set", "data.path=missing.jsonl"], "data.path: file not found"),
+        (["run", str(tmp_path / "absent.yaml")], "config file not found"),
+    ]:
+        proc = medtune(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_chat_on_missing_model_is_a_clear_error(tmp_path):
+    proc = medtune("chat", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert proc.returncode == 2
+    assert "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
