@@ -8,7 +8,6 @@ cached as an HF directory, so every stage after the first loads plain safetensor
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -96,7 +95,9 @@ def check_hub_access(model_id: str, revision: str | None, repo_type: str = "mode
         raise MedtuneError(f"{model_id}: hub request failed ({exc}); check the network or use a local path") from None
     except OSError as exc:  # offline: from_pretrained may still find it in the local HF cache
         if os.environ.get("HF_HUB_OFFLINE") != "1":
-            raise MedtuneError(f"{model_id}: cannot reach the hub ({exc}); set HF_HUB_OFFLINE=1 to use the cache")
+            raise MedtuneError(
+                f"{model_id}: cannot reach the hub ({exc}); set HF_HUB_OFFLINE=1 to use the cache"
+            ) from None
 
 
 def resolve_base(spec: str, revision: str | None = None) -> str:
@@ -165,7 +166,3 @@ def load_model(base: str, dtype: Any = None, device: str = "cpu") -> PreTrainedM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32")
     return model.to(device)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -8,6 +8,7 @@ deciding that everything is up to date takes well under a second.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,6 @@ def _file_hash(run_dir: RunDir, path: Path) -> str:
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     index = {}
     if index_path.is_file():
-        import json
-
         index = json.loads(index_path.read_text(encoding="utf-8"))
     if key not in index:
         index[key] = sha256_file(path)
@@ -55,7 +54,8 @@ def _file_hash(run_dir: RunDir, path: Path) -> str:
 
 def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
     dump = cfg.model_dump(mode="json", by_alias=True)
-    parts: dict[str, Any] = {"stage": stage.name, "medtune": __version__, "config": {s: dump[s] for s in stage.sections}}
+    parts: dict[str, Any] = {"stage": stage.name, "medtune": __version__,
+                             "config": {s: dump[s] for s in stage.sections}}
     if stage.upstream:
         manifest = run_dir.manifest(BY_NAME[stage.upstream].folder)
         parts["upstream"] = manifest["fingerprint"] if manifest else None

@@ -94,7 +94,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         rows.append((enc.input_ids, enc.loss_mask))
 
     if not rows:
-        raise MedtuneError(f"{source}: no usable record ({len(rejected)} rejected; see the reasons with `medtune data`)")
+        raise MedtuneError(f"{source}: no usable record ({len(rejected)} rejected; see {out / 'rejected.jsonl'})")
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_val = min(len(rows) - 1, max(1, round(len(rows) * cfg.data.val_fraction))) if cfg.data.val_fraction else 0
     val = [rows[i] for i in order[:n_val]]

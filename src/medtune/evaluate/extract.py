@@ -1,8 +1,8 @@
 """Extracting the chosen option letter from a free-text, chain-of-thought answer.
 
-Tried in order: an explicit "answer is X" / "Final answer: X" (the last one wins), `\\boxed{X}`, a final line that is just an
-option letter, then the text of exactly one option in the final line. None when all fail; the
-share of such answers is reported, never hidden.
+Tried in order: an explicit "answer is X" / "Final answer: X" (the last one wins), `\\boxed{X}`, a final line that
+is just an option letter, then the text of exactly one option in the final line. None when all fail; the share of
+such answers is reported, never hidden.
 """
 
 from __future__ import annotations

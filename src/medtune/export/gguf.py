@@ -94,13 +94,28 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
         raise MedtuneError(f"export: llama.cpp's converter failed on {model_dir}:\n{tail}")
 
 
-def quantize(source: Path, target: Path, gguf_type: str, threads: int | None = None) -> None:
-    """Quantize with llama.cpp's own `llama_model_quantize` (the code behind the `llama-quantize` tool)."""
+def _quantize_in_process(source: str, target: str, gguf_type: str, threads: int) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[gguf_type]}")
-    params.nthread = threads or os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if code != 0 or not target.is_file():
-        raise MedtuneError(f"export: llama.cpp failed to quantize {source.name} to {gguf_type} (code {code})")
+    params.nthread = threads
+    return llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
+
+
+def quantize(source: Path, target: Path, gguf_type: str, threads: int | None = None) -> None:
+    """Quantize with llama.cpp's own `llama_model_quantize` (the code behind the `llama-quantize` tool).
+
+    It runs in a child process: llama.cpp's log goes to the captured output, and a crash becomes a clear error.
+    """
+    cmd = [sys.executable, "-m", "medtune.export.gguf", str(source), str(target), gguf_type,
+           str(threads or os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not target.is_file():
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"code {proc.returncode}"
+        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+        raise MedtuneError(f"export: llama.cpp failed to quantize {source.name} to {gguf_type} ({how}):\n{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(_quantize_in_process(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))

@@ -7,6 +7,7 @@ size, sha256, type, the llama.cpp and medtune versions, and the numbers of its c
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from medtune.artifacts import RunDir

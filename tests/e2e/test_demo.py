@@ -1,0 +1,107 @@
+"""The demo chain end to end on SmolLM2-135M-Instruct (minutes on a CPU), asserting on what it produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "medtune.cli", "run", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
+           "--set", "eval.limit=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_summary_lists_artifacts_and_a_sample_answer(demo_run):
+    run_dir, proc = demo_run
+    for stage in ("data", "train", "merge", "export", "eval"):
+        assert f"{stage}: running" in proc.stdout
+    assert "Sample answer from smollm2-135m-medical-demo-Q4_K_M.gguf" in proc.stdout
+    assert "smollm2-135m-medical-demo-Q4_K_M.gguf" in proc.stdout and " MB " in proc.stdout
+    assert "not a medical device" in proc.stdout
+
+
+def test_data_report_counts_add_up(demo_run):
+    report = json.loads((demo_run[0] / "prepared" / "report.json").read_text())
+    assert report["records_read"] == 100 == report["used"] + report["rejected"]
+    assert report["end_of_turn_token"] == "<|im_end|>" and report["pad_token"] != "<|im_end|>"
+    assert report["truncated_answer_cut"] <= report["truncated"] == report["over_max_len"]
+
+
+def test_training_lowered_validation_loss(demo_run):
+    report = json.loads((demo_run[0] / "adapter" / "train_report.json").read_text())
+    assert report["steps"] == 6
+    assert report["val_loss_after"] < report["val_loss_before"]
+
+
+def test_every_gguf_loads_answers_and_stops_at_end_of_turn(demo_run):
+    from llama_cpp import Llama
+
+    gguf_dir = demo_run[0] / "gguf"
+    names = sorted(p.name for p in gguf_dir.glob("*.gguf"))
+    assert names == [f"smollm2-135m-medical-demo-{t}.gguf" for t in ("Q4_K_M", "Q5_K_M", "Q8_0", "fp16")]
+    question = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
+                "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
+    for name in names:
+        llm = Llama(model_path=str(gguf_dir / name), n_ctx=2048, verbose=False)
+        out = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
+                                         max_tokens=768)
+        choice = out["choices"][0]
+        assert choice["message"]["content"].strip(), name
+        assert choice["finish_reason"] == "stop", (name, choice["message"]["content"][-300:])
+        assert "<|im_end|>" not in choice["message"]["content"]
+
+
+def test_tensor_types_match_file_names(demo_run):
+    import llama_cpp
+    from gguf import GGUFReader
+
+    expected_main = {"fp16": "F16", "Q8_0": "Q8_0", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
+    ftype = {"fp16": "F16", "Q8_0": "Q8_0", "Q5_K_M": "Q5_K_M", "Q4_K_M": "Q4_K_M"}
+    for path in (demo_run[0] / "gguf").glob("*.gguf"):
+        suffix = path.stem.rsplit("-", 1)[1]
+        reader = GGUFReader(path)
+        field = reader.fields["general.file_type"]
+        assert int(field.parts[field.data[0]][0]) == getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype[suffix]}")
+        matrix_types = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+        assert expected_main[suffix] in matrix_types
+        if suffix in ("fp16", "Q8_0"):
+            assert matrix_types == {expected_main[suffix]}
+    manifest = json.loads((demo_run[0] / "gguf" / "manifest.json").read_text())
+    assert manifest["results"]["problems"] == []
+    assert {f["path"] for f in manifest["files"]} >= {p.name for p in (demo_run[0] / "gguf").glob("*.gguf")}
+
+
+def test_eval_table(demo_run):
+    summary = json.loads((demo_run[0] / "eval" / "summary.json").read_text())
+    for model in ("base", "Q4_K_M"):
+        result = summary["models"][model]["medqa-sample"]
+        assert result["n"] == 8
+        assert 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
+    assert "| Q4_K_M | medqa-sample | 8 |" in (demo_run[0] / "eval" / "results.md").read_text()
+
+
+def test_second_run_does_no_work(demo_run):
+    run_dir, _ = demo_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval_cache" not in p.parts}
+    cmd = [sys.executable, "-m", "medtune.cli", "run", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
+           "--set", "eval.limit=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("data", "train", "merge", "export", "eval"):
+        assert f"{stage}: up to date, skipped" in proc.stdout
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval_cache" not in p.parts}
+    assert after == before
+    assert "Sample answer from" in proc.stdout
