@@ -38,3 +38,22 @@ def test_chat_on_missing_model_is_a_clear_error(tmp_path):
     proc = medtune("chat", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
     assert proc.returncode == 2
     assert "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_check_exit_codes(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"instruction": "Please answer: q?", "input": "", "output": "The answer is A."}\n',
+                    encoding="utf-8")
+    proc = medtune("data", "check", str(good))
+    assert proc.returncode == 0 and "1 records, 1 usable, 0 rejected" in proc.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + "{oops\n" + '{"instruction": "q", "output": null}\n', encoding="utf-8")
+    proc = medtune("data", "check", str(bad))
+    assert proc.returncode == 1
+    assert "bad.jsonl:2" in proc.stdout and "bad.jsonl:3" in proc.stdout and "field 'output' is null" in proc.stdout
+    proc = medtune("data", "check", str(bad), "--json")
+    assert proc.returncode == 1 and '"rejected": 2' in proc.stdout
+    for unreadable in (tmp_path / "missing.jsonl", tmp_path):
+        proc = medtune("data", "check", str(unreadable))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

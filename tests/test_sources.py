@@ -8,6 +8,7 @@ import pytest
 
 from medtune.data.check import check_file, format_report
 from medtune.data.sources import (
+    PARSERS,
     SCHEMAS,
     Conversation,
     Rejection,
@@ -110,10 +111,8 @@ def test_each_schema_gives_the_exact_messages(tmp_path, schema):
 def test_medical_o1_joins_thinking_and_final_response():
     record = {"Question": " Q? ", "Complex_CoT": "Okay, think.\n\nMore.\n", "Response": "It is C.", "answer": "C"}
     assert detect_schema(record) == "medical_o1"
-    messages = ({"role": "user", "content": "Q?"},
-                {"role": "assistant", "content": "## Thinking\n\nOkay, think.\n\nMore.\n\n## Final Response\n\nIt is C."})
-    from medtune.data.sources import PARSERS
-
+    reply = "## Thinking\n\nOkay, think.\n\nMore.\n\n## Final Response\n\nIt is C."
+    messages = ({"role": "user", "content": "Q?"}, {"role": "assistant", "content": reply})
     assert PARSERS["medical_o1"](record) == messages
 
 
@@ -298,18 +297,20 @@ def test_large_json_array_streams_and_matches_jsonl(tmp_path):
 
     tracemalloc.start()
     try:
-        from_array = [(i.location, summary(i)) for i in read_records(array)]
+        usable = sum(isinstance(item, Conversation) for item in read_records(array))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    assert usable == 20_000 - 2
+    # About 5.5 MB: a 1 MiB chunk as bytes and as text, the window while it is compacted, and 20k duplicate digests;
+    # reading the whole 12 MB file at once would take more than twice that.
+    assert peak < 8_000_000
+    from_array = [(i.location, summary(i)) for i in read_records(array)]
     from_jsonl = [(i.location, summary(i)) for i in read_records(jsonl)]
     assert len(from_array) == len(from_jsonl) == 20_000
     assert [x for _, x in from_array] == [x for _, x in from_jsonl]
     assert from_array[7] == ("big.json[7]", "field 'instruction' is empty")
     assert from_jsonl[9] == ("big.jsonl:10", "exact duplicate of an earlier record")
-    # The messages we kept are most of the peak; the reader itself holds about one chunk, not the 12 MB file.
-    kept = sum(len(m["content"]) for _, ms in from_array if isinstance(ms, tuple) for m in ms)
-    assert peak < kept + 8_000_000
 
 
 # ---- Parquet ----

@@ -86,7 +86,41 @@ def _stage_command(name: str, doc: str):
     app.command(name)(command)
 
 
-_stage_command("data", "Validate, template, tokenize and mask the training data; write prepared/ and a report.")
+@app.command("data")
+def data_command(
+    target: Annotated[str, typer.Argument(help="A run config (YAML) to prepare, or `check` to validate a file")],
+    path: Annotated[Path | None, typer.Argument(help="With `check`: the data file to validate")] = None,
+    set_: SetOpt = None,
+    schema: Annotated[str, typer.Option(help="Record schema: auto, reasonmed, conversations, messages, "
+                                             "sharegpt, medical_o1")] = "auto",
+    strict: Annotated[bool, typer.Option(help="Prepare: fail on any rejected record instead of skipping it")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Check: print the report as JSON")] = False,
+) -> None:
+    """Prepare a config's training data (write prepared/ and a report), or `data check PATH` to validate a file.
+
+    `data check` exits 0 when every record is usable, 1 when some are rejected, 2 when the file can't be read.
+    """
+    if target != "check":
+        overrides = [*(set_ or []), *(["data.strict=true"] if strict else [])]
+        _run_stages(Path(target), overrides, ["data"], force=True)
+        return
+    from medtune.data.check import check_file, format_report
+
+    try:
+        if path is None:
+            raise MedtuneError("medtune data check PATH: give the data file to check")
+        report = check_file(path, schema)
+    except MedtuneError as exc:
+        _fail(exc)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_report(report))
+    raise typer.Exit(0 if report["rejected"] == 0 else 1)
+
+
 _stage_command("train", "Train the LoRA adapter on prepared/; write adapter/ with per-step metrics.")
 _stage_command("merge", "Merge the adapter into the base; write merged/ (safetensors, tokenizer, template).")
 _stage_command("export", "Convert merged/ to GGUF F16 and quantize; verify every file; write gguf/.")

@@ -33,7 +33,10 @@ class DataConfig(Section):
     dataset: str | None = None  # hub dataset id, e.g. lingshu-medical-mllm/ReasonMed
     data_file: str | None = None  # file inside the hub dataset, e.g. ReasonMed.json
     revision: str | None = None
-    schema_: Literal["auto", "reasonmed"] = Field("auto", alias="schema")
+    schema_: Literal["auto", "reasonmed", "conversations", "messages", "sharegpt", "medical_o1"] = Field(
+        "auto", alias="schema"
+    )
+    strict: bool = False  # fail on any rejected record instead of skipping it
     system_prompt: str | None = None
     max_len: int = Field(512, gt=16)
     length_policy: Literal["truncate", "drop"] = "truncate"

@@ -93,6 +93,9 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
             continue
         rows.append((enc.input_ids, enc.loss_mask))
 
+    if cfg.data.strict and rejected:
+        shown = "; ".join(str(r) for r in rejected[:3])
+        raise MedtuneError(f"{source}: {len(rejected)} record(s) rejected and data.strict is on: {shown}", exit_code=1)
     if not rows:
         raise MedtuneError(f"{source}: no usable record ({len(rejected)} rejected; see {out / 'rejected.jsonl'})")
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
