@@ -76,3 +76,34 @@ def test_eval_on_hf_model_writes_items_and_summary(tiny_config):
     assert all(i["correct"] == (i["extracted"] == i["gold"]) for i in items)
     assert "| merged | bench | 2 |" in (out / "results.md").read_text()
     assert "not a medical device" in (out / "results.md").read_text()
+
+
+def test_packing_keep_answer_and_contamination_drop(tiny_config, tmp_path):
+    import yaml
+
+    from tests.conftest import reasonmed_record, write_jsonl
+
+    records = [reasonmed_record(i) for i in range(24)]
+    long_reply = "\n".join(f"{i}. A long step about the kidney number {i}." for i in range(60))
+    records[3]["output"] = f"{long_reply}\nSummary: long.\nThe answer is D."
+    bench_question = "Question number 5 about the heart?"
+    write_jsonl(tmp_path / "train.jsonl", records)
+    write_jsonl(tmp_path / "bench.jsonl", [{"question": bench_question, "options": {"A": "a", "B": "b"},
+                                            "answer_idx": "A"}])
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["data"] |= {"packing": True, "length_policy": "keep_answer", "contamination": "drop", "max_len": 200}
+    tiny_config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(tiny_config)
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    report = json.loads((run / "prepared" / "report.json").read_text())
+    assert report["records_read"] == 24 == report["used"] + report["rejected"]
+    assert report["rejected_by_reason"] == {"overlaps an evaluation question": 1}
+    assert report["contaminated"] == 1
+    assert report["shortened_keep_answer"] == 1 and report["truncated"] == 0
+    assert report["splits"]["train"]["packed_rows"] < report["train_rows"]
+    contaminated = [json.loads(line) for line in (run / "prepared" / "contamination.jsonl").read_text().splitlines()]
+    assert contaminated[0]["location"] == "train.jsonl:6"
+    run_stage(BY_NAME["train"], cfg, run, UI())
+    train = run.manifest("adapter")["results"]
+    assert np.isfinite(train["final_loss"]) and train["steps"] == 3

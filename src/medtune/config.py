@@ -39,7 +39,12 @@ class DataConfig(Section):
     strict: bool = False  # fail on any rejected record instead of skipping it
     system_prompt: str | None = None
     max_len: int = Field(512, gt=16)
-    length_policy: Literal["truncate", "drop"] = "truncate"
+    # At the cap: truncate (the seed's behaviour), drop the example, or keep_answer (shorten the middle of the
+    # reasoning, keep its start and the final summary/answer).
+    length_policy: Literal["truncate", "drop", "keep_answer"] = "truncate"
+    packing: bool = False  # pack examples into rows of max_len (position ids restart per example)
+    contamination: Literal["report", "drop", "ignore"] = "report"  # vs the eval benchmarks of this run
+    max_chars: int = Field(200_000, gt=0)  # longer records are rejected as absurd
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)
 

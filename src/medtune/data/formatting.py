@@ -25,6 +25,7 @@ ANSWER_RE = re.compile(r"answer is:?\s*\(?([A-J])\b\)?", re.IGNORECASE)
 class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where the token is trained on
+    reply_spans: list[tuple[int, int]]  # [start, end) of each reply's tokens, its end-of-turn token excluded
 
 
 class ChatFormatter:
@@ -39,8 +40,11 @@ class ChatFormatter:
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Batched: the fast tokenizer spreads a batch over all cores."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if self.system_prompt is not None and messages[0]["role"] != "system":
@@ -51,11 +55,11 @@ class ChatFormatter:
         """The text a model sees before it starts its reply (used by chat and eval too)."""
         return self._render(self.with_system(messages), generation_prompt=True)
 
-    def encode(self, messages: list[dict[str, str]]) -> Encoded:
+    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_reply) pieces; each reply is followed by end-of-turn."""
         messages = self.with_system(list(messages))
-        ids: list[int] = []
-        mask: list[int] = []
-        done = ""  # the rendered text already turned into ids
+        pieces: list[tuple[str, bool]] = []
+        done = ""  # the rendered text already cut into pieces
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -70,13 +74,31 @@ class ChatFormatter:
             end = tail.find(self.eot)
             if end < 0:
                 raise MedtuneError(f"the chat template does not close the assistant turn with {self.eot!r}")
-            reply = tail[:end]
-            prompt_ids = self._ids(prompt[len(done) :])
-            reply_ids = self._ids(reply) + [self.eot_id]
-            ids += prompt_ids + reply_ids
-            mask += [0] * len(prompt_ids) + [1] * len(reply_ids)
-            done = prompt + reply + self.eot
-        return Encoded(ids, mask)
+            pieces += [(prompt[len(done) :], False), (tail[:end], True)]
+            done = prompt + tail[:end] + self.eot
+        return pieces
+
+    def encode_batch(self, conversations: list[list[dict[str, str]]]) -> list[Encoded]:
+        cut = [self.segments(messages) for messages in conversations]
+        flat = self.tokenize([text for pieces in cut for text, _ in pieces])
+        out, k = [], 0
+        for pieces in cut:
+            ids: list[int] = []
+            mask: list[int] = []
+            spans: list[tuple[int, int]] = []
+            for _, is_reply in pieces:
+                piece = flat[k]
+                k += 1
+                if is_reply:
+                    spans.append((len(ids), len(ids) + len(piece)))
+                    piece = [*piece, self.eot_id]
+                ids += piece
+                mask += [int(is_reply)] * len(piece)
+            out.append(Encoded(ids, mask, spans))
+        return out
+
+    def encode(self, messages: list[dict[str, str]]) -> Encoded:
+        return self.encode_batch([messages])[0]
 
 
 def final_answer(text: str) -> str | None:

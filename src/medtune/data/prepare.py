@@ -1,17 +1,27 @@
 """The data stage entry point: records -> tokenized, masked train/validation arrays plus a report.
 
 Output folder `prepared/`:
-  train.ids.npy, train.mask.npy, train.offsets.npy   flat int32 token ids, uint8 loss mask, int64 row offsets
+  train.ids.npy, train.mask.npy, train.offsets.npy   flat int32 token ids, uint8 loss mask, int64 example offsets
+  train.packs.npy, train.pack_offsets.npy            with data.packing: example indices of each packed row
   val.*.npy                                          the same for the validation split
-  report.json                                        counts (read = used + rejected), lengths, truncation
-  rejected.jsonl                                     every rejected record: location and reason
+  report.json                                        counts (read = used + rejected), lengths, truncation, packing
+  rejected.jsonl                                     every rejected record: location, reason, detail
+  contamination.jsonl                                training records that match an evaluation question
+
+Records stream through in batches (tokenized together, which uses every core); memory holds the token arrays
+(5 bytes a token) and no Python object per token. The split is decided per record from a hash of its content and
+the seed, so it does not depend on the order or the size of the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from array import array
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +29,16 @@ import numpy as np
 
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
-from medtune.data.formatting import ChatFormatter, final_answer
+from medtune.data import lengths as length_policy
+from medtune.data.contamination import ContaminationGuard, question_stem
+from medtune.data.formatting import ChatFormatter, Encoded, final_answer
+from medtune.data.packing import efficiency, pack
 from medtune.data.sources import Conversation, Rejection, hub_data_file, read_records
 from medtune.errors import MedtuneError
 from medtune.models import load_tokenizer, resolve_base
 from medtune.ui import UI
+
+BATCH = 512
 
 
 def data_path(cfg: Config) -> Path:
@@ -32,104 +47,187 @@ def data_path(cfg: Config) -> Path:
     return hub_data_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision)
 
 
-def _percentiles(lengths: list[int]) -> dict[str, float]:
-    if not lengths:
-        return {}
-    arr = np.asarray(lengths)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}
+def _as_numpy(buffer: array, dtype: type) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=dtype) if len(buffer) else np.zeros(0, dtype)
 
 
-def _write_split(out: Path, name: str, rows: list[tuple[list[int], list[int]]]) -> None:
-    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter((t for r, _ in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
-    mask = np.fromiter((m for _, r in rows for m in r), dtype=np.uint8, count=int(offsets[-1]))
-    np.save(out / f"{name}.ids.npy", ids)
-    np.save(out / f"{name}.mask.npy", mask)
-    np.save(out / f"{name}.offsets.npy", offsets)
+class SplitWriter:
+    """Accumulates one split's examples as flat typed arrays and writes them as .npy files."""
+
+    def __init__(self) -> None:
+        self.ids = array("i")
+        self.mask = array("B")
+        self.lengths = array("q")
+
+    def add(self, enc: Encoded) -> None:
+        self.ids.extend(enc.input_ids)
+        self.mask.extend(enc.loss_mask)
+        self.lengths.append(len(enc.input_ids))
+
+    def write(self, out: Path, name: str, max_len: int, packing: bool) -> dict[str, Any]:
+        lengths = _as_numpy(self.lengths, np.int64)
+        np.save(out / f"{name}.ids.npy", _as_numpy(self.ids, np.int32))
+        np.save(out / f"{name}.mask.npy", _as_numpy(self.mask, np.uint8))
+        np.save(out / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        info: dict[str, Any] = {"rows": len(lengths), "tokens": int(lengths.sum()),
+                                "trained_tokens": int(sum(self.mask))}
+        if packing:
+            rows = pack(lengths, max_len)
+            np.save(out / f"{name}.packs.npy", np.array([i for row in rows for i in row], dtype=np.int64))
+            np.save(out / f"{name}.pack_offsets.npy",
+                    np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64))
+            info |= {"packed_rows": len(rows), "packing_efficiency": round(efficiency(lengths, rows, max_len), 4)}
+        return info
 
 
 def load_split(prepared: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The rows of a prepared split as (ids, mask) array views."""
+    """The examples of a prepared split as (ids, mask) array views."""
     ids = np.load(prepared / f"{name}.ids.npy", mmap_mode="r")
     mask = np.load(prepared / f"{name}.mask.npy", mmap_mode="r")
     offsets = np.load(prepared / f"{name}.offsets.npy")
     return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def load_packs(prepared: Path, name: str) -> list[list[int]] | None:
+    """The packed rows of a split (lists of example indices), or None when the data was not packed."""
+    if not (prepared / f"{name}.packs.npy").is_file():
+        return None
+    flat = np.load(prepared / f"{name}.packs.npy")
+    offsets = np.load(prepared / f"{name}.pack_offsets.npy")
+    return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(json.dumps(conv.messages, sort_keys=True).encode(), digest_size=8,
+                             key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def contamination_guard(cfg: Config) -> ContaminationGuard | None:
+    if cfg.data.contamination == "ignore" or not cfg.eval.benchmarks:
+        return None
+    from medtune.evaluate.benchmarks import load_multiple_choice
+
+    return ContaminationGuard({b.name: [(i.id, i.question) for i in load_multiple_choice(b.path)]
+                               for b in cfg.eval.benchmarks})
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}
+
+
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     """Prepare the data into `out` (an empty folder); return the report."""
+    dc = cfg.data
     source = data_path(cfg)
     tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision))
-    formatter = ChatFormatter(tokenizer, cfg.data.system_prompt)
-    max_len = cfg.data.max_len
-
-    rows: list[tuple[list[int], list[int]]] = []
+    formatter = ChatFormatter(tokenizer, dc.system_prompt)
+    guard = contamination_guard(cfg)
+    splits = {"train": SplitWriter(), "val": SplitWriter()}
     rejected: list[Rejection] = []
+    contaminated: list[dict[str, Any]] = []
     lengths: list[int] = []
-    truncated = answer_cut = read = 0
-    for item in read_records(source, cfg.data.schema_):
-        if cfg.data.limit is not None and read >= cfg.data.limit:
-            break
-        read += 1
-        if isinstance(item, Rejection):
-            rejected.append(item)
-            continue
-        assert isinstance(item, Conversation)
-        enc = formatter.encode(list(item.messages))
-        lengths.append(len(enc.input_ids))
-        if len(enc.input_ids) > max_len:
-            if cfg.data.length_policy == "drop":
-                rejected.append(Rejection(item.location, "longer than data.max_len", f"{len(enc.input_ids)} tokens"))
-                continue
-            truncated += 1
-            kept = [t for t, m in zip(enc.input_ids[:max_len], enc.loss_mask[:max_len]) if m]
-            full_answer = final_answer(item.messages[-1]["content"])
-            if full_answer is not None and final_answer(tokenizer.decode(kept)) != full_answer:
-                answer_cut += 1
-            enc.input_ids, enc.loss_mask = enc.input_ids[:max_len], enc.loss_mask[:max_len]
-        if not any(enc.loss_mask):
-            rejected.append(Rejection(item.location, "no assistant token left inside data.max_len"))
-            continue
-        rows.append((enc.input_ids, enc.loss_mask))
+    counts = Counter()
+    records = read_records(source, dc.schema_, dc.max_chars)
+    if dc.limit is not None:
+        records = islice(records, dc.limit)
 
-    if cfg.data.strict and rejected:
+    for batch in _batches(records, BATCH):
+        counts["read"] += len(batch)
+        rejected += [r for r in batch if isinstance(r, Rejection)]
+        convs = [c for c in batch if isinstance(c, Conversation)]
+        for conv, enc in zip(convs, formatter.encode_batch([list(c.messages) for c in convs])):
+            if guard is not None:
+                user = next(m["content"] for m in conv.messages if m["role"] == "user")
+                matches = guard.check(question_stem(user))
+                if matches:
+                    contaminated.append({"location": conv.location, "matches": [asdict(m) for m in matches]})
+                    if dc.contamination == "drop":
+                        rejected.append(Rejection(conv.location, "overlaps an evaluation question",
+                                                  f"{matches[0].benchmark} {matches[0].item_id}"))
+                        continue
+            lengths.append(len(enc.input_ids))
+            if len(enc.input_ids) > dc.max_len:
+                counts["over_max_len"] += 1
+                reply = conv.messages[-1]["content"]
+                if dc.length_policy == "drop":
+                    rejected.append(Rejection(conv.location, "longer than data.max_len",
+                                              f"{len(enc.input_ids)} tokens"))
+                    continue
+                if dc.length_policy == "keep_answer":
+                    shortened = length_policy.keep_answer(enc, reply, dc.max_len, formatter)
+                    if shortened is None:
+                        rejected.append(Rejection(conv.location, "prompt leaves no room for the answer",
+                                                  f"{enc.reply_spans[-1][0]} prompt tokens"))
+                        continue
+                    enc = shortened
+                    counts["shortened_keep_answer"] += 1
+                else:
+                    counts["truncated"] += 1
+                    enc = length_policy.truncate(enc, dc.max_len)
+                    answer = final_answer(reply)
+                    kept = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+                    if answer is not None and final_answer(tokenizer.decode(kept)) != answer:
+                        counts["truncated_answer_cut"] += 1
+            if not any(enc.loss_mask):
+                rejected.append(Rejection(conv.location, "no assistant token left inside data.max_len"))
+                continue
+            counts["used"] += 1
+            splits["val" if is_validation(conv, cfg.seed, dc.val_fraction) else "train"].add(enc)
+
+    if dc.strict and rejected:
         shown = "; ".join(str(r) for r in rejected[:3])
         raise MedtuneError(f"{source}: {len(rejected)} record(s) rejected and data.strict is on: {shown}", exit_code=1)
-    if not rows:
+    if not counts["used"]:
         raise MedtuneError(f"{source}: no usable record ({len(rejected)} rejected; see {out / 'rejected.jsonl'})")
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    n_val = min(len(rows) - 1, max(1, round(len(rows) * cfg.data.val_fraction))) if cfg.data.val_fraction else 0
-    val = [rows[i] for i in order[:n_val]]
-    train = [rows[i] for i in sorted(order[n_val:])]
-    _write_split(out, "train", train)
-    _write_split(out, "val", val)
+    split_info = {name: w.write(out, name, dc.max_len, dc.packing) for name, w in splits.items()}
     with open(out / "rejected.jsonl", "w", encoding="utf-8") as fh:
         for r in rejected:
             fh.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+    with open(out / "contamination.jsonl", "w", encoding="utf-8") as fh:
+        for c in contaminated:
+            fh.write(json.dumps(c, ensure_ascii=False) + "\n")
 
+    over = counts["over_max_len"]
     report = {
         "source": str(source),
-        "records_read": read,
-        "used": len(rows),
+        "records_read": counts["read"],
+        "used": counts["used"],
         "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
-        "train_rows": len(train),
-        "val_rows": len(val),
-        "train_tokens": int(sum(len(ids) for ids, _ in train)),
-        "trained_tokens": int(sum(sum(m) for _, m in train)),
-        "max_len": max_len,
-        "length_policy": cfg.data.length_policy,
+        "train_rows": split_info["train"]["rows"],
+        "val_rows": split_info["val"]["rows"],
+        "train_tokens": split_info["train"]["tokens"],
+        "trained_tokens": split_info["train"]["trained_tokens"],
+        "splits": split_info,
+        "max_len": dc.max_len,
+        "length_policy": dc.length_policy,
         "lengths": _percentiles(lengths),
-        "over_max_len": sum(n > max_len for n in lengths),
-        "share_over_max_len": round(sum(n > max_len for n in lengths) / max(1, len(lengths)), 4),
-        "truncated": truncated,
-        "truncated_answer_cut": answer_cut,
+        "over_max_len": over,
+        "share_over_max_len": round(over / max(1, len(lengths)), 4),
+        "truncated": counts["truncated"],
+        "truncated_answer_cut": counts["truncated_answer_cut"],
+        "shortened_keep_answer": counts["shortened_keep_answer"],
+        "contaminated": len(contaminated),
+        "contamination_policy": dc.contamination,
         "end_of_turn_token": formatter.eot,
         "pad_token": tokenizer.pad_token,
-        "system_prompt": cfg.data.system_prompt,
+        "system_prompt": dc.system_prompt,
     }
     atomic_write_json(out / "report.json", report)
-    ui.log(f"data: {len(rows)} of {read} records used ({len(rejected)} rejected), {truncated} truncated at "
-           f"{max_len} tokens ({answer_cut} lost their final answer)")
+    ui.log(f"data: {counts['used']} of {counts['read']} records used ({len(rejected)} rejected); "
+           f"{over} over {dc.max_len} tokens: {counts['truncated']} truncated ({counts['truncated_answer_cut']} lost "
+           f"their final answer), {counts['shortened_keep_answer']} shortened keeping the answer")
+    if contaminated:
+        ui.log(f"[yellow]data: {len(contaminated)} training record(s) overlap an evaluation question "
+               f"({'dropped' if dc.contamination == 'drop' else 'kept'}; see contamination.jsonl)[/]")
     return report

@@ -23,7 +23,7 @@ import torch
 
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
-from medtune.data.prepare import load_split
+from medtune.data.prepare import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
 from medtune.ui import UI
@@ -50,25 +50,39 @@ def pick_precision(choice: str, device: torch.device) -> str:
     return choice
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row; labels are -100 on prompt and padding, so only reply tokens carry loss."""
-    width = max(len(ids) for ids, _ in rows)
+Example = tuple[np.ndarray, np.ndarray]  # (token ids, loss mask)
+
+
+def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per list of examples (one example, or several packed), padded to the longest row.
+
+    Position ids restart at every example and at the padding, and no attention mask is passed: transformers then
+    keeps attention inside each example (block-diagonal causal mask; variable-length with flash attention).
+    Labels are -100 on prompt and padding, so only reply tokens and their end-of-turn token carry loss.
+    """
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids)
-        t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        input_ids[i, :n] = t
-        labels[i, :n] = torch.where(torch.from_numpy(np.asarray(mask, dtype=bool)), t, IGNORE)
-        attention[i, :n] = 1
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for ids, mask in row:
+            n = len(ids)
+            t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            input_ids[i, at : at + n] = t
+            labels[i, at : at + n] = torch.where(torch.from_numpy(np.asarray(mask, dtype=bool)), t, IGNORE)
+            positions[i, at : at + n] = torch.arange(n)
+            at += n
+        positions[i, at:] = torch.arange(width - at)
     # Causal LM: position t predicts token t+1, so the label of a reply token sits one step to the left.
     labels = torch.cat([labels[:, 1:], torch.full((len(rows), 1), IGNORE)], dim=1)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    real = sum(len(ids) for row in rows for ids, _ in row)
+    return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "real_tokens": torch.tensor(real)}
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # use_cache=False: with a cache transformers would not derive the per-example mask from position ids.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     labels = batch["labels"]
     loss = torch.nn.functional.cross_entropy(
         logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE, reduction="sum"
@@ -77,7 +91,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, batch_size: int, pad_id: int, device, autocast) -> float | None:
+def evaluate_loss(model, rows: list[list[Example]], batch_size: int, pad_id: int, device, autocast) -> float | None:
     if not rows:
         return None
     model.eval()
@@ -114,7 +128,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     precision = pick_precision(cfg.train.precision, device)
     base = resolve_base(cfg.base.model, cfg.base.revision)
     tokenizer = load_tokenizer(base)
-    train_rows, val_rows = load_split(prepared, "train"), load_split(prepared, "val")
+    train_examples = load_split(prepared, "train")
+    packs = load_packs(prepared, "train")
+    train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
+    val_rows = [[e] for e in load_split(prepared, "val")]
 
     # fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps
     # the frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype).
@@ -175,7 +192,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
                     loss, _ = token_loss_sum(model, batch)
                 scaler.scale(loss / n_target).backward()
                 loss_sum += float(loss.detach())
-                seen_tokens += int(batch["attention_mask"].sum())
+                seen_tokens += int(batch["real_tokens"])
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             loss_value = loss_sum / n_target

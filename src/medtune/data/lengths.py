@@ -1,0 +1,43 @@
+"""What happens to an example longer than `max_len`: truncate, drop, or keep_answer.
+
+`keep_answer` shortens the middle of the last reply: it keeps the prompt, as much of the reply's start as fits,
+a marker line "[...]", and the reply's final section intact (from its last "Summary" / "In summary" /
+"Conclusion" / "## Final Response" / "Final answer" heading, else its last two non-empty lines), then the
+end-of-turn token. The model so still learns to finish every answer with its conclusion.
+"""
+
+from __future__ import annotations
+
+import re
+
+from medtune.data.formatting import ChatFormatter, Encoded
+
+MARKER = "\n[...]\n"
+MIN_HEAD = 16  # reply tokens kept before the marker, at least
+SECTION = re.compile(r"^\s*(?:#+\s*)?(?:summary|in summary|conclusion|final response|final answer)\b", re.I | re.M)
+
+
+def final_section(reply: str) -> str:
+    heads = list(SECTION.finditer(reply))
+    if heads:
+        return reply[heads[-1].start() :].strip()
+    lines = [line for line in reply.strip().splitlines() if line.strip()]
+    return "\n".join(lines[-2:])
+
+
+def truncate(enc: Encoded, max_len: int) -> Encoded:
+    return Encoded(enc.input_ids[:max_len], enc.loss_mask[:max_len],
+                   [(a, min(b, max_len)) for a, b in enc.reply_spans if a < max_len])
+
+
+def keep_answer(enc: Encoded, reply: str, max_len: int, formatter: ChatFormatter) -> Encoded | None:
+    """The shortened example, or None when the prompt leaves no room for the reply's start and its answer."""
+    start, end = enc.reply_spans[-1]
+    tail_ids, marker_ids = formatter.tokenize([final_section(reply), MARKER])
+    head = max_len - start - 1 - len(marker_ids) - len(tail_ids)  # 1: the end-of-turn token
+    if head < MIN_HEAD:
+        return None
+    reply_ids = enc.input_ids[start : start + head] + marker_ids + tail_ids
+    ids = enc.input_ids[:start] + reply_ids + [formatter.eot_id]
+    mask = enc.loss_mask[:start] + [1] * (len(reply_ids) + 1)
+    return Encoded(ids, mask, [*enc.reply_spans[:-1], (start, start + len(reply_ids))])
