@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from medtune.data.contamination import ContaminationGuard, normalise, question_stem
 from medtune.data.formatting import ChatFormatter
 from medtune.data.lengths import MARKER, keep_answer, truncate

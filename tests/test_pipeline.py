@@ -80,8 +80,7 @@ def test_eval_on_hf_model_writes_items_and_summary(tiny_config):
 
 def test_packing_keep_answer_and_contamination_drop(tiny_config, tmp_path):
     import yaml
-
-    from tests.conftest import reasonmed_record, write_jsonl
+    from conftest import reasonmed_record, write_jsonl
 
     records = [reasonmed_record(i) for i in range(24)]
     long_reply = "\n".join(f"{i}. A long step about the kidney number {i}." for i in range(60))
