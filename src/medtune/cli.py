@@ -121,7 +121,53 @@ def data_command(
     raise typer.Exit(0 if report["rejected"] == 0 else 1)
 
 
-_stage_command("train", "Train the LoRA adapter on prepared/; write adapter/ with per-step metrics.")
+@app.command("train")
+def train_command(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Time a few steps; print tokens, steps, memory and "
+                                          "the expected time; train nothing")] = False,
+    gpus: Annotated[int, typer.Option(min=1, help="Train on N GPUs of this machine (DDP through torchrun)")] = 1,
+) -> None:
+    """Train the LoRA adapter on prepared/; write adapter/ with metrics, TensorBoard events and a loss plot.
+
+    A run directory with checkpoints of the same config resumes from the newest one.
+    """
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "medtune.cli",
+                "train", str(config), *[f"--set={item}" for item in set_ or []]]
+        os.execv(sys.executable, [sys.executable, *args])
+    if not dry_run:
+        _run_stages(config, set_, ["train"], force=True)
+        return
+    _quiet_libraries()
+    import tempfile
+
+    from medtune.artifacts import RunDir
+    from medtune.config import load_config
+    from medtune.pipeline import BY_NAME, run_stage, stage_fingerprint
+    from medtune.train.stage import run as train_run
+    from medtune.ui import UI
+
+    try:
+        cfg = load_config(config, set_)
+        run_dir = RunDir(cfg.run_dir)
+        data = BY_NAME["data"]
+        if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
+            run_stage(data, cfg, run_dir, UI(console))
+        with tempfile.TemporaryDirectory() as scratch:
+            plan = train_run(cfg, run_dir, Path(scratch), UI(console), dry_run=True)
+    except MedtuneError as exc:
+        _fail(exc)
+    from rich.table import Table
+
+    table = Table(title=f"dry run: {cfg.name}", show_header=False)
+    for key, value in plan.items():
+        if key != "dry_run":
+            table.add_row(key, str(value))
+    console.print(table)
+
+
 _stage_command("merge", "Merge the adapter into the base; write merged/ (safetensors, tokenizer, template).")
 _stage_command("export", "Convert merged/ to GGUF F16 and quantize; verify every file; write gguf/.")
 _stage_command("eval", "Evaluate the configured models on the configured multiple-choice benchmarks.")
@@ -138,27 +184,70 @@ def run_command(config: ConfigArg, set_: SetOpt = None,
 def chat_command(
     model: Annotated[Path, typer.Option("-m", "--model", help="A .gguf file or an HF model/adapter directory")],
     prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Answer this once and exit")] = None,
+    input_: Annotated[Path | None, typer.Option("--input", help="Batch: a JSONL file, one question a line with "
+                                                "'prompt', 'messages' or ReasonMed's 'instruction'")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Batch: the JSONL file of answers to write")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt")] = None,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 1024,
-    n_ctx: Annotated[int, typer.Option(help="Context size for GGUF models")] = 4096,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply")] = 1024,
+    n_ctx: Annotated[int, typer.Option(min=1, help="Context size for GGUF models (tokens)")] = 4096,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for GGUF models [default: all]")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
 ) -> None:
-    """Chat with a model: one-shot with -p, interactive without."""
+    """Chat with a model: one-shot with -p, batch with --input/--output, interactive otherwise.
+
+    Batch exits 1 when some lines could not be answered (each is reported as file:line).
+    """
     _quiet_libraries()
-    from medtune.infer.chat import answer, disclaimer_banner, interactive
+    from medtune.infer.chat import answer, batch, disclaimer_banner, interactive
     from medtune.infer.engines import open_engine
 
     err_console.print(disclaimer_banner())
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
     try:
-        engine = open_engine(model, n_ctx=n_ctx)
+        if (input_ is None) != (output is None):
+            raise MedtuneError("batch mode needs both --input QUESTIONS.jsonl and --output ANSWERS.jsonl")
+        if input_ is not None and prompt is not None:
+            raise MedtuneError("give either -p PROMPT or --input/--output, not both")
+        engine = open_engine(model, n_ctx=n_ctx, threads=threads, seed=seed)
+        if input_ is not None and output is not None:
+            counts = batch(engine, input_, output, sampling, err_console)
+            err_console.print(f"{counts['answered']} answered, {counts['failed']} failed; wrote {output}",
+                              highlight=False)
+            raise typer.Exit(1 if counts["failed"] else 0)
         if prompt is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            answer(engine, messages, console, sampling)
+            answer(engine, messages, console, sampling, err_console)
         else:
             interactive(engine, console, sampling, system)
+    except MedtuneError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path, typer.Option("-m", "--model", help="The .gguf file to serve")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 opens it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Require 'Authorization: Bearer "
+                                                "KEY' on every request but /health")] = None,
+    n_ctx: Annotated[int, typer.Option(min=1, help="Context size (tokens)")] = 4096,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: all]")] = None,
+) -> None:
+    """Serve a GGUF model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health."""
+    _quiet_libraries()
+    from medtune.infer.chat import disclaimer_banner
+    from medtune.infer.server import serve
+
+    err_console.print(disclaimer_banner())
+    try:
+        serve(model, host=host, port=port, api_key=api_key, n_ctx=n_ctx, threads=threads,
+              log=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
     except MedtuneError as exc:
         _fail(exc)
 

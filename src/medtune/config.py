@@ -64,6 +64,7 @@ class LoraConfig(Section):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    dora: bool = False  # weight-decomposed LoRA (PEFT use_dora)
 
 
 class TrainConfig(Section):
@@ -80,6 +81,11 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps (and always at start and end)
+    checkpoint_steps: int = Field(100, gt=0)  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = Field(2, gt=0)  # the newest K are kept
+    qlora: bool = False  # 4-bit base through bitsandbytes (GPU only)
+    tensorboard: bool = True
     threads: int | None = Field(None, gt=0)
 
 

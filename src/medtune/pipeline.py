@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,9 @@ def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, A
     """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
     fp = stage_fingerprint(stage, cfg, run_dir)
     module = importlib.import_module(stage.module)
+    if os.environ.get("RANK", "0") != "0":  # another process of a multi-GPU launch: rank 0 writes the results
+        with tempfile.TemporaryDirectory() as scratch:
+            return module.run(cfg, run_dir, Path(scratch), ui)
     with run_dir.atomic(stage.folder) as out:
         results = module.run(cfg, run_dir, out, ui)
         dump = cfg.model_dump(mode="json", by_alias=True)

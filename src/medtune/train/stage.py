@@ -11,9 +11,10 @@ Output folder `adapter/`: the PEFT adapter (adapter_model.safetensors, adapter_c
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtune.artifacts import RunDir, atomic_write_json
+from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import Config
 from medtune.data.prepare import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
+from medtune.train import checkpoint
+from medtune.train.observe import MetricsLog, plot, read_metrics
 from medtune.ui import UI
 
 IGNORE = -100
@@ -115,42 +118,105 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
-    """Train a LoRA adapter on the prepared data; write it and its metrics to `out`."""
+def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
     from peft import LoraConfig, get_peft_model
+
+    lora = cfg.train.lora
+    tied = {"lm_head", "embed_tokens"} & set(lora.target_modules)
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        ui.log(f"[yellow]warning: LoRA on {sorted(tied)}, which are tied in this model: the adapter changes both the "
+               "input embeddings and the output head[/]")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        use_dora=lora.dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool) -> Any:
+    """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
+    frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
+    if not qlora:
+        return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device))
+    if device.type != "cuda":
+        raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError:
+        raise MedtuneError("train.qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from peft import prepare_model_for_kbit_training
+
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device.index or 0})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def resume_key(cfg: Config, run_dir: RunDir) -> str:
+    """Checkpoints belong to one training config on one prepared data set."""
+    return fingerprint({"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed,
+                        "data": (run_dir.manifest("prepared") or {}).get("fingerprint")})
+
+
+class Distributed:
+    """The process's place in a torchrun launch (world 1 when launched alone)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def total(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+
+def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) -> dict[str, Any]:
+    """Train a LoRA adapter on the prepared data; write it and its metrics to `out`.
+
+    Resumes from the newest checkpoint of the same config and data, if any. With `dry_run`, times a few steps and
+    returns the plan (tokens, steps, memory, expected time) without training.
+    """
     from transformers import get_linear_schedule_with_warmup
 
+    tc = cfg.train
     prepared = run_dir.require("prepared", "medtune data CONFIG")
-    torch.manual_seed(cfg.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
+    dist = Distributed()
+    torch.manual_seed(cfg.seed + dist.rank)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
+        else pick_device(tc.device)
+    precision = pick_precision(tc.precision, device)
     base = resolve_base(cfg.base.model, cfg.base.revision)
     tokenizer = load_tokenizer(base)
+    pad_id = tokenizer.pad_token_id
     train_examples = load_split(prepared, "train")
     packs = load_packs(prepared, "train")
     train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
     val_rows = [[e] for e in load_split(prepared, "val")]
 
-    # fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps
-    # the frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype).
-    model = load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device))
+    model = apply_lora(load_base_for_training(base, precision, device, tc.qlora), cfg, ui)
     model.config.use_cache = False
-    tied = {"lm_head", "embed_tokens"} & set(cfg.train.lora.target_modules)
-    if tied and getattr(model.config, "tie_word_embeddings", False):
-        raise MedtuneError(f"train.lora.target_modules: {sorted(tied)} are tied in this model; keep LoRA off them")
-    lora = LoraConfig(
-        r=cfg.train.lora.r,
-        lora_alpha=cfg.train.lora.alpha,
-        lora_dropout=cfg.train.lora.dropout,
-        target_modules=cfg.train.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
 
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
@@ -158,84 +224,110 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    micro_per_epoch = math.ceil(len(train_rows) / cfg.train.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or math.ceil(steps_per_epoch * cfg.train.epochs)
+    window = tc.grad_accum * dist.world  # micro-batches per optimizer step, over all processes
+    micro_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / window)
+    total_steps = tc.max_steps or math.ceil(steps_per_epoch * tc.epochs)
     optimizer = build_optimizer(cfg, params)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, total_steps)
 
-    def micro_batches():
-        epoch = 0
+    def micro_batches(skip: int):
+        """The global order of micro-batches: a pure function of seed and epoch, so a resumed run continues it."""
+        epoch, k = 0, 0
         while True:
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            for i in range(0, len(order), cfg.train.batch_size):
-                yield epoch, [train_rows[j] for j in order[i : i + cfg.train.batch_size].tolist()]
+            for i in range(0, len(order), tc.batch_size):
+                if k >= skip:
+                    yield epoch, [train_rows[j] for j in order[i : i + tc.batch_size].tolist()]
+                k += 1
             epoch += 1
 
-    val_before = evaluate_loss(model, val_rows, cfg.train.batch_size, tokenizer.pad_token_id, device, autocast)
-    batches = micro_batches()
-    metrics_path = out / "metrics.jsonl"
+    if dry_run:
+        from medtune.train.plan import dry_run_plan
+
+        return dry_run_plan(cfg, net, params, train_rows, total_steps, window, pad_id, device, precision, autocast,
+                            scaler, optimizer)
+
+    ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
+    start_step = 0
+    found = checkpoint.latest(ckpt_root)
+    if found is not None:
+        start_step = checkpoint.load(found, model, optimizer, scheduler, scaler)
+        ui.log(f"train: resuming from {found} (step {start_step} of {total_steps})")
+    if dist.main:
+        log = MetricsLog(ckpt_root / "metrics.jsonl", ckpt_root / "tensorboard" if tc.tensorboard else None,
+                         resume_step=start_step)
+    if start_step == 0:
+        val_before = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
+        if dist.main:
+            log.write({"step": 0, "val_loss": val_before})
+    else:  # measured before the first step, by the run being resumed
+        val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0), None)
+    batches = micro_batches(skip=start_step * window)
     start = time.perf_counter()
     seen_tokens = 0
     last: dict[str, Any] = {}
     task = ui.task("train", total=total_steps)
-    with open(metrics_path, "w", encoding="utf-8") as log:
-        for step in range(total_steps):
-            window = [next(batches) for _ in range(cfg.train.grad_accum)]
-            epoch = window[-1][0]
-            collated = [collate(rows, tokenizer.pad_token_id) for _, rows in window]
-            n_target = sum(int((b["labels"] != IGNORE).sum()) for b in collated)
-            loss_sum = 0.0
-            for batch in collated:
-                batch = {k: v.to(device) for k, v in batch.items()}
+    ui.update(task, completed=start_step)
+    for step in range(start_step, total_steps):
+        group = [next(batches) for _ in range(window)]
+        mine = group[dist.rank :: dist.world]
+        collated = [collate(rows, pad_id) for _, rows in mine]
+        n_target = dist.total(sum(int((b["labels"] != IGNORE).sum()) for b in collated))
+        loss_sum = 0.0
+        for k, batch in enumerate(collated):
+            batch = {key: v.to(device) for key, v in batch.items()}
+            sync = contextlib.nullcontext() if dist.world == 1 or k == len(collated) - 1 else net.no_sync()
+            with sync:
                 with autocast():
-                    loss, _ = token_loss_sum(model, batch)
-                scaler.scale(loss / n_target).backward()
-                loss_sum += float(loss.detach())
-                seen_tokens += int(batch["real_tokens"])
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            loss_value = loss_sum / n_target
-            if not math.isfinite(loss_value):
-                raise MedtuneError(f"train: loss is {loss_value} at step {step + 1}; lower train.lr or check the data")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            elapsed = time.perf_counter() - start
-            last = {
-                "step": step + 1,
-                "epoch": epoch,
-                "loss": round(loss_value, 5),
-                "lr": lr,
-                "grad_norm": round(grad_norm, 4),
-                "tokens": seen_tokens,
-                "tokens_per_s": round(seen_tokens / elapsed, 1),
-                "elapsed_s": round(elapsed, 2),
-            }
-            if (step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-            ui.update(task, completed=step + 1, description=f"train loss {loss_value:.3f} lr {lr:.2e}")
-        val_after = evaluate_loss(model, val_rows, cfg.train.batch_size, tokenizer.pad_token_id, device, autocast)
-        log.write(json.dumps({"step": total_steps, "val_loss": val_after}) + "\n")
+                    loss, _ = token_loss_sum(net, batch)
+                # DDP averages gradients over processes; scaling by the world size makes the result the mean
+                # over every trained token of the global batch.
+                scaler.scale(loss * dist.world / n_target).backward()
+            loss_sum += float(loss.detach())
+            seen_tokens += int(batch["real_tokens"])
+        loss_value = dist.total(loss_sum) / n_target
+        if not math.isfinite(loss_value):
+            kept = checkpoint.latest(ckpt_root)
+            raise MedtuneError(f"train: loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
+                               f"is {kept or '(none yet)'}; lower train.lr or check the data, then run again")
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        elapsed = time.perf_counter() - start
+        tokens_per_s = dist.total(seen_tokens) / elapsed
+        last = {"step": step + 1, "epoch": group[-1][0], "loss": round(loss_value, 5), "lr": lr,
+                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_s, 1),
+                "elapsed_s": round(elapsed, 2)}
+        done = step + 1 == total_steps
+        if tc.eval_steps and (step + 1) % tc.eval_steps == 0 and not done:
+            last["val_loss"] = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
+        if dist.main and ((step + 1) % tc.logging_steps == 0 or done or "val_loss" in last):
+            log.write(last)
+        if dist.main and ((step + 1) % tc.checkpoint_steps == 0 or done):
+            checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints)
+        ui.update(task, completed=step + 1,
+                  description=f"train loss {loss_value:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
 
-    model.save_pretrained(out)
+    val_after = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
     report = {
-        "device": str(device),
-        "precision": precision,
-        "steps": total_steps,
-        "trainable_params": n_trainable,
-        "train_rows": len(train_rows),
-        "final_loss": last.get("loss"),
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "tokens": seen_tokens,
-        "tokens_per_s": last.get("tokens_per_s"),
-        "elapsed_s": last.get("elapsed_s"),
+        "device": str(device), "precision": precision, "world_size": dist.world, "steps": total_steps,
+        "resumed_from_step": start_step, "trainable_params": n_trainable, "train_rows": len(train_rows),
+        "packed": packs is not None, "final_loss": last.get("loss"), "val_loss_before": val_before,
+        "val_loss_after": val_after, "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"),
         "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
     }
-    atomic_write_json(out / "train_report.json", report)
+    if dist.main:
+        log.write({"step": total_steps, "val_loss": val_after})
+        log.close()
+        model.save_pretrained(out)
+        shutil.copyfile(ckpt_root / "metrics.jsonl", out / "metrics.jsonl")
+        if tc.tensorboard:
+            shutil.copytree(ckpt_root / "tensorboard", out / "tensorboard")
+        plot(read_metrics(out / "metrics.jsonl"), out / "loss.png")
+        atomic_write_json(out / "train_report.json", report)
     return report

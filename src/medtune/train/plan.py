@@ -1,0 +1,63 @@
+"""`medtune train --dry-run`: what a run will cost, from a few steps timed on this machine."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import torch
+
+from medtune.config import Config
+
+TIMED_STEPS = 2
+
+
+def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: int, window: int, pad_id: int,
+                 device: torch.device, precision: str, autocast: Any, scaler: Any, optimizer: Any) -> dict[str, Any]:
+    """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept)."""
+    from medtune.train.stage import IGNORE, collate, token_loss_sum
+
+    tc = cfg.train
+    real_tokens = sum(len(ids) for row in rows for ids, _ in row)
+    epochs = tc.max_steps * window * tc.batch_size / max(1, len(rows)) if tc.max_steps else tc.epochs
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed_tokens, timed = 0, 0.0
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    for step in range(1 + TIMED_STEPS):
+        begin = time.perf_counter()
+        tokens = 0
+        for k in range(window):
+            at = ((step * window + k) * tc.batch_size) % max(1, len(rows))
+            batch = collate([rows[order[(at + j) % len(rows)]] for j in range(tc.batch_size)], pad_id)
+            n = max(1, int((batch["labels"] != IGNORE).sum()))
+            tokens += int(batch["real_tokens"])
+            batch = {key: v.to(device) for key, v in batch.items()}
+            with autocast():
+                loss, _ = token_loss_sum(net, batch)
+            scaler.scale(loss / n).backward()
+        optimizer.zero_grad(set_to_none=True)  # measured, not applied: the weights stay as loaded
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step > 0:
+            timed += time.perf_counter() - begin
+            timed_tokens += tokens
+    tokens_per_s = timed_tokens / timed if timed else 0.0
+    total_tokens = real_tokens * epochs
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    return {
+        "dry_run": True,
+        "device": str(device),
+        "precision": precision,
+        "rows": len(rows),
+        "tokens_per_epoch": real_tokens,
+        "epochs": round(epochs, 3),
+        "steps": total_steps,
+        "trainable_params": sum(p.numel() for p in params),
+        "weights_gib": round(weights / 2**30, 3),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+        else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # CPU: peak RSS
+        "measured_tokens_per_s": round(tokens_per_s, 1),
+        "expected_hours": round(total_tokens / tokens_per_s / 3600, 3) if tokens_per_s else None,
+    }

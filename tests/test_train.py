@@ -1,0 +1,126 @@
+"""The training engine on a tiny model: exact resume after SIGKILL, the non-finite guard, observability, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune.artifacts import RunDir
+from medtune.config import load_config
+from medtune.errors import MedtuneError
+from medtune.pipeline import BY_NAME, run_stage
+from medtune.ui import UI
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 30
+
+
+def configure(tiny_config: Path, run_dir: Path, **train) -> Path:
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["run_dir"] = str(run_dir)
+    raw["train"] |= {"max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "checkpoint_steps": 3,
+                     "keep_checkpoints": 2, "threads": 1, "eval_steps": 10} | train
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def medtune(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "medtune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "adapter" / "metrics.jsonl").read_text().splitlines()
+    return [(m["step"], m["loss"]) for m in map(json.loads, lines) if "loss" in m]
+
+
+def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path):
+    straight = configure(tiny_config, tmp_path / "straight")
+    killed = configure(tiny_config, tmp_path / "killed")
+    for cfg in (straight, killed):
+        assert medtune("data", str(cfg)).wait() == 0
+    assert medtune("train", str(straight)).wait() == 0
+
+    target = random.Random().choice([3, 6, 9, 12])
+    proc = medtune("train", str(killed))
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(int(p.name[5:]) >= target for p in ckpts.glob("*/step-*")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()  # nothing at a final path
+    resumed = medtune("train", str(killed))
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert "resuming from" in out
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert [s for s, _ in losses(tmp_path / "killed")] == list(range(1, STEPS + 1))
+    a = (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    report = json.loads((tmp_path / "killed" / "adapter" / "train_report.json").read_text())
+    assert report["resumed_from_step"] >= target
+    assert len(list(ckpts.glob("*/step-*"))) == 2  # keep_checkpoints
+
+
+def test_observability_files(tiny_config, tmp_path):
+    cfg = load_config(configure(tiny_config, tmp_path / "run", max_steps=12))
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    run_stage(BY_NAME["train"], cfg, run, UI())
+    adapter = run / "adapter"
+    metrics = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    assert [s for s, _ in val] == [0, 10, 12]
+    assert all(k in metrics[1] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "epoch"))
+    assert list((adapter / "tensorboard").glob("events.out.tfevents.*"))
+    assert (adapter / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    import torch
+
+    from medtune.train import stage
+
+    cfg = load_config(configure(tiny_config, tmp_path / "run", max_steps=10))
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    real = stage.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        loss, n = real(model, batch)
+        calls["n"] += model.training
+        if model.training and calls["n"] > 2 * 4:  # 2 micro-batches a step: NaN from step 5 on
+            loss = loss * torch.tensor(float("nan"))
+        return loss, n
+
+    monkeypatch.setattr(stage, "token_loss_sum", poisoned)
+    with pytest.raises(MedtuneError, match="loss is nan at step 5; stopped. The last good checkpoint is .*step-00000003"):
+        run_stage(BY_NAME["train"], cfg, run, UI())
+    assert not (run / "adapter").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*/step-*")) == ["step-00000003"]
+
+
+def test_dry_run_plans_without_training(tiny_config, tmp_path):
+    cfg = configure(tiny_config, tmp_path / "run")
+    proc = medtune("train", str(cfg), "--dry-run")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    for key in ("tokens_per_epoch", "steps", "measured_tokens_per_s", "expected_hours", "peak_memory_gib"):
+        assert key in out
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
