@@ -109,7 +109,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_config, tmp_path, 
         return loss, n
 
     monkeypatch.setattr(stage, "token_loss_sum", poisoned)
-    with pytest.raises(MedtuneError, match="loss is nan at step 5; stopped. The last good checkpoint is .*step-00000003"):
+    expected = "loss is nan at step 5; stopped. The last good checkpoint is .*step-00000003"
+    with pytest.raises(MedtuneError, match=expected):
         run_stage(BY_NAME["train"], cfg, run, UI())
     assert not (run / "adapter").exists()
     assert sorted(p.name for p in (run / "checkpoints").glob("*/step-*")) == ["step-00000003"]

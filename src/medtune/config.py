@@ -123,7 +123,8 @@ class ChatConfig(Section):
 
 class BenchmarkConfig(Section):
     name: str
-    path: Path
+    path: Path  # local file (PubMedQA: ori_pqal.json with test_ground_truth.json beside it; MMLU: file or folder)
+    kind: Literal["medqa", "medmcqa", "pubmedqa", "mmlu"] = "medqa"
 
 
 class EvalConfig(Section):

@@ -106,9 +106,9 @@ def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
 def contamination_guard(cfg: Config) -> ContaminationGuard | None:
     if cfg.data.contamination == "ignore" or not cfg.eval.benchmarks:
         return None
-    from medtune.evaluate.benchmarks import load_multiple_choice
+    from medtune.evaluate.benchmarks import load_benchmark
 
-    return ContaminationGuard({b.name: [(i.id, i.question) for i in load_multiple_choice(b.path)]
+    return ContaminationGuard({b.name: [(i.id, i.question) for i in load_benchmark(b.kind, b.path)]
                                for b in cfg.eval.benchmarks})
 
 

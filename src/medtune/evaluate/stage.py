@@ -15,7 +15,7 @@ from medtune import DISCLAIMER
 from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import GGUF_TYPES, Config
 from medtune.errors import MedtuneError
-from medtune.evaluate.benchmarks import load_multiple_choice
+from medtune.evaluate.benchmarks import load_benchmark, stratified_sample
 from medtune.evaluate.runner import evaluate_items
 from medtune.export.gguf import file_name
 from medtune.infer.engines import open_engine
@@ -56,7 +56,10 @@ def results_table(summary: dict[str, Any]) -> str:
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     if not cfg.eval.benchmarks:
         raise MedtuneError("eval.benchmarks is empty: list at least one {name, path} multiple-choice file")
-    benches = {b.name: load_multiple_choice(b.path)[: cfg.eval.limit] for b in cfg.eval.benchmarks}
+    benches = {}
+    for b in cfg.eval.benchmarks:
+        items = load_benchmark(b.kind, b.path)
+        benches[b.name] = stratified_sample(items, cfg.eval.limit, cfg.seed) if cfg.eval.limit else items
     cache = run_dir / "eval_cache"
     cache.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"max_new_tokens": cfg.eval.max_new_tokens, "limit": cfg.eval.limit, "models": {}}
