@@ -28,10 +28,9 @@ from medtune.data.prepare import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
 from medtune.train import checkpoint
+from medtune.train.loss import IGNORE, CausalLMLoss
 from medtune.train.observe import MetricsLog, plot, read_metrics
 from medtune.ui import UI
-
-IGNORE = -100
 
 
 def pick_device(choice: str) -> torch.device:
@@ -83,14 +82,10 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "real_tokens": torch.tensor(real)}
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    # use_cache=False: with a cache transformers would not derive the per-example mask from position ids.
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    labels = batch["labels"]
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((labels != IGNORE).sum())
+def token_loss_sum(loss_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed loss over the batch's labelled tokens, and their number."""
+    loss = loss_model(batch["input_ids"], batch["position_ids"], batch["labels"])
+    return loss, int((batch["labels"] != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -213,10 +208,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    net = model
+    loss_model = CausalLMLoss(model)
+    net = loss_model
     if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+        net = torch.nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index]
+                                                        if device.type == "cuda" else None)
 
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
@@ -258,7 +254,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         log = MetricsLog(ckpt_root / "metrics.jsonl", ckpt_root / "tensorboard" if tc.tensorboard else None,
                          resume_step=start_step)
     if start_step == 0:
-        val_before = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
+        val_before = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
         if dist.main:
             log.write({"step": 0, "val_loss": val_before})
     else:  # measured before the first step, by the run being resumed
@@ -305,7 +301,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
                 "elapsed_s": round(elapsed, 2)}
         done = step + 1 == total_steps
         if tc.eval_steps and (step + 1) % tc.eval_steps == 0 and not done:
-            last["val_loss"] = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
+            last["val_loss"] = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
         if dist.main and ((step + 1) % tc.logging_steps == 0 or done or "val_loss" in last):
             log.write(last)
         if dist.main and ((step + 1) % tc.checkpoint_steps == 0 or done):
@@ -313,7 +309,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         ui.update(task, completed=step + 1,
                   description=f"train loss {loss_value:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
 
-    val_after = evaluate_loss(model, val_rows, tc.batch_size, pad_id, device, autocast)
+    val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
     report = {
         "device": str(device), "precision": precision, "world_size": dist.world, "steps": total_steps,
         "resumed_from_step": start_step, "trainable_params": n_trainable, "train_rows": len(train_rows),
