@@ -125,3 +125,20 @@ def test_dry_run_plans_without_training(tiny_config, tmp_path):
         assert key in out
     assert not (tmp_path / "run" / "adapter").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path):
+    """DDP through torchrun (gloo on CPU): the same micro-batches per step give the same losses."""
+    curves = {}
+    for procs, accum in ((1, 2), (2, 1)):
+        cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=4, grad_accum=accum,
+                        lora={"dropout": 0.0}, eval_steps=None)
+        assert medtune("data", str(cfg)).wait() == 0
+        proc = medtune("train", str(cfg), "--gpus", str(procs))
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+        curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
+        report = json.loads((tmp_path / f"run{procs}" / "adapter" / "train_report.json").read_text())
+        assert report["world_size"] == procs
+    assert len(curves[1]) == 4
+    assert curves[2] == pytest.approx(curves[1], rel=1e-5)

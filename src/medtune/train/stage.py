@@ -295,9 +295,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         elapsed = time.perf_counter() - start
-        tokens_per_s = dist.total(seen_tokens) / elapsed
+        all_tokens = dist.total(seen_tokens)
+        tokens_per_s = all_tokens / elapsed
         last = {"step": step + 1, "epoch": group[-1][0], "loss": round(loss_value, 5), "lr": lr,
-                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_s, 1),
+                "grad_norm": round(grad_norm, 4), "tokens": int(all_tokens), "tokens_per_s": round(tokens_per_s, 1),
                 "elapsed_s": round(elapsed, 2)}
         done = step + 1 == total_steps
         if tc.eval_steps and (step + 1) % tc.eval_steps == 0 and not done:
