@@ -1,6 +1,9 @@
-"""Running a model over benchmark items: greedy chain-of-thought generation, extraction, per-item records.
+"""Running a model over benchmark items and summarizing: one `Solver` per way of answering, per-item records.
 
-Per-item results are appended to a JSONL file as they are produced; an interrupted evaluation resumes from it.
+Solvers: `EngineSolver` (chain-of-thought generation one item at a time through an inference engine: GGUF files, or
+HF models on a CPU), `BatchedSolver` (the same generation batched on a GPU) and `LoglikSolver` (log-likelihood of the
+options, HF models only). Per-item results are appended to a JSONL file as they are produced; an interrupted
+evaluation resumes from it.
 """
 
 from __future__ import annotations
@@ -8,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.extract import extract_letter
+from medtune.evaluate.hf import BatchedGenerator
+from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
 from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.infer.engines import Engine
 
@@ -28,44 +34,126 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def evaluate_items(engine: Engine, items: list[Item], out_jsonl: Path, max_new_tokens: int,
-                   on_item=None) -> dict[str, Any]:
+class Solver(Protocol):
+    mode: str  # "generate" or "loglik"
+    batch_size: int  # items handed to `solve` at once
+
+    def solve(self, items: list[Item]) -> list[dict[str, Any]]:
+        """One record per item, in order: at least id, prompt, output, extracted (letter or None), gold, correct."""
+        ...
+
+
+def _generated(item: Item, prompt: str, result: dict[str, Any]) -> dict[str, Any]:
+    letter = extract_letter(result["text"], item.options)
+    return {"id": item.id, "prompt": prompt, "output": result["text"], "extracted": letter, "gold": item.answer,
+            "correct": letter == item.answer, "finish_reason": result["finish_reason"],
+            "completion_tokens": result["completion_tokens"]}
+
+
+class EngineSolver:
+    """Greedy chain-of-thought answers one item at a time through an inference engine (llama.cpp or transformers)."""
+
+    mode, batch_size = "generate", 1
+
+    def __init__(self, engine: Engine, max_new_tokens: int) -> None:
+        self.engine, self.max_new_tokens = engine, max_new_tokens
+
+    def solve(self, items: list[Item]) -> list[dict[str, Any]]:
+        records = []
+        for item in items:
+            prompt = multiple_choice_prompt(item)
+            result = self.engine.complete([{"role": "user", "content": prompt}], temperature=0.0, top_p=1.0,
+                                          max_tokens=self.max_new_tokens)
+            records.append(_generated(item, prompt, result))
+        return records
+
+
+class BatchedSolver:
+    """Greedy chain-of-thought answers generated for `generator.batch_size` items at once (HF models on a GPU)."""
+
+    mode = "generate"
+
+    def __init__(self, generator: BatchedGenerator, max_new_tokens: int) -> None:
+        self.generator, self.max_new_tokens = generator, max_new_tokens
+        self.batch_size = generator.batch_size
+
+    def solve(self, items: list[Item]) -> list[dict[str, Any]]:
+        prompts = [multiple_choice_prompt(item) for item in items]
+        results = self.generator.generate([[{"role": "user", "content": p}] for p in prompts], self.max_new_tokens)
+        return [_generated(item, prompt, result) for item, prompt, result in zip(items, prompts, results)]
+
+
+class LoglikSolver:
+    """The option whose continuation the model finds most likely after the benchmark's lm-eval prompt."""
+
+    mode = "loglik"
+
+    def __init__(self, scorer: LoglikScorer, kind: str) -> None:
+        self.scorer, self.kind, self.batch_size = scorer, kind, scorer.batch_size
+
+    def solve(self, items: list[Item]) -> list[dict[str, Any]]:
+        requests = [loglik_request(item, self.kind) for item in items]
+        records = []
+        for item, request, scores in zip(items, requests, self.scorer.score(requests)):
+            letter = choose(scores)
+            records.append({"id": item.id, "prompt": request.context, "output": request.continuations[letter],
+                            "extracted": letter, "gold": item.answer, "correct": letter == item.answer,
+                            "logprobs": {k: round(v, 6) for k, v in scores.items()}})
+        return records
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
-    if out_jsonl.is_file():
-        for line in out_jsonl.read_text(encoding="utf-8").splitlines():
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
                 done[record["id"]] = record
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: that item is simply run again
-    start = time.perf_counter()
-    ran = 0
-    with open(out_jsonl, "a", encoding="utf-8") as fh:
-        for item in items:
-            if item.id not in done:
-                prompt = multiple_choice_prompt(item)
-                result = engine.complete([{"role": "user", "content": prompt}], temperature=0.0, top_p=1.0,
-                                         max_tokens=max_new_tokens)
-                letter = extract_letter(result["text"], item.options)
-                record = {"id": item.id, "prompt": prompt, "output": result["text"], "extracted": letter,
-                          "gold": item.answer, "correct": letter == item.answer,
-                          "finish_reason": result["finish_reason"], "completion_tokens": result["completion_tokens"]}
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                fh.flush()
-                done[item.id] = record
-                ran += 1
-            if on_item:
-                on_item()
-    elapsed = time.perf_counter() - start
-    records = [done[item.id] for item in items]
-    correct = sum(r["correct"] for r in records)
-    low, high = wilson_interval(correct, len(records))
+    return done
+
+
+def _size(item: Item) -> int:
+    return len(item.question) + len(item.context) + sum(len(option) for option in item.options.values())
+
+
+def summarize(records: list[dict[str, Any]], mode: str, ran: int, elapsed: float) -> dict[str, Any]:
+    """Accuracy with its 95% Wilson interval, extraction failures, and items/s over the `ran` items run now."""
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    failures = sum(r["extracted"] is None for r in records)
+    low, high = wilson_interval(correct, n)
     return {
-        "n": len(records),
+        "mode": mode,
+        "n": n,
         "correct": correct,
-        "accuracy": correct / len(records),
+        "accuracy": correct / n if n else 0.0,
         "ci95": [round(low, 4), round(high, 4)],
-        "extraction_failures": sum(r["extracted"] is None for r in records),
-        "extraction_failure_rate": sum(r["extracted"] is None for r in records) / len(records),
+        "extraction_failures": failures,
+        "extraction_failure_rate": failures / n if n else 0.0,
         "items_per_s": round(ran / elapsed, 3) if ran and elapsed > 0 else None,
     }
+
+
+def evaluate_items(solver: Solver, items: list[Item], out_jsonl: Path,
+                   on_item: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Answer every item not already in `out_jsonl` (appending each record as it comes), then summarize all."""
+    done = _read_cache(out_jsonl)
+    pending = [item for item in items if item.id not in done]
+    for _ in range(len(items) - len(pending)):
+        if on_item:
+            on_item()
+    if solver.batch_size > 1:
+        pending.sort(key=_size)  # items of similar length share a batch: less padding
+    start = time.perf_counter()
+    with open(out_jsonl, "a", encoding="utf-8") as fh:
+        for first in range(0, len(pending), solver.batch_size):
+            for record in solver.solve(pending[first:first + solver.batch_size]):
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                done[record["id"]] = record
+                if on_item:
+                    on_item()
+            fh.flush()
+    elapsed = time.perf_counter() - start
+    return summarize([done[item.id] for item in items], solver.mode, len(pending), elapsed)

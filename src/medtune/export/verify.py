@@ -2,16 +2,20 @@
 
 - metadata: architecture set, the chat template equal to the HF model's, the end-of-turn token as eos;
 - tensor types: `general.file_type` and every tensor's type agree with the type in the file's name;
-- runtime: the file loads in llama.cpp (in a child process, so a crashing build is reported, not fatal) and
-  answers a chat question with non-empty text that ends at the end-of-turn token.
+- parity with the HF model (`medtune.export.parity`, in a child process, so a crashing llama.cpp build is
+  reported, not fatal): identical token ids, F16 top-1 agreement and logit difference, perplexity of each quant
+  relative to F16, and one chat answer that is non-empty and ends at the end-of-turn token.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +36,112 @@ TENSOR_TYPES: dict[str, tuple[str, set[str]]] = {
     "Q3_K_M": ("Q3_K", {"Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}),
     "Q2_K": ("Q2_K", {"Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}),
 }
+# Perplexity on the held-out text may rise this much (relative to the F16 file) before a quant counts as broken.
+# Sanity bounds, not quality claims: a 135M model loses ~6-10% at 4-5 bits, a broken file gains orders of magnitude.
+MAX_PPL_INCREASE = {"BF16": 0.01, "F16": 0.01, "Q8_0": 0.05, "Q6_K": 0.15, "Q5_K_M": 0.35, "Q5_K_S": 0.35,
+                    "Q4_K_M": 0.5, "Q4_K_S": 0.5, "Q4_0": 0.6, "Q3_K_M": 1.0, "Q2_K": 3.0}
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
+@dataclass(frozen=True)
+class Limits:
+    """What a file must achieve to pass; tests on random-weight models relax the ones only a trained model meets."""
+
+    min_top1_agreement: float = 0.99  # F16/BF16 vs the HF model, over every position of the parity texts
+    max_ppl_increase: dict[str, float] = field(default_factory=lambda: dict(MAX_PPL_INCREASE))
+    smoke_max_tokens: int = 512
+    require_stop: bool = True  # the chat answer must end at the end-of-turn token within smoke_max_tokens
+
+
+# GGUF value types (gguf-py's GGUFValueType) -> struct format; 8 is STRING, 9 is ARRAY.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@dataclass
+class Header:
+    fields: dict[str, Any]  # scalars and strings; arrays as their length
+    tensors: list[tuple[str, tuple[int, ...], str]]  # (name, shape, GGML type name)
+
+
+def read_header(path: Path) -> Header:
+    """The GGUF key/values and tensor list, without reading the token lists into Python objects.
+
+    gguf-py's GGUFReader builds one numpy view per token and merge (seconds for a 128k vocabulary); the checks only
+    need the scalars, strings and tensor types, so arrays are skipped over.
+    """
+    from gguf import GGMLQuantizationType
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            (value,) = struct.unpack_from(fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            pos += n
+            return buf[pos - n : pos].decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            nonlocal pos
+            if kind in _SCALARS:
+                return take(_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, count = take("<I"), take("<Q")
+                if item in _SCALARS:
+                    pos += count * struct.calcsize(_SCALARS[item])
+                elif item == 8:
+                    for _ in range(count):
+                        n = take("<Q")
+                        pos += n
+                else:
+                    for _ in range(count):
+                        value(item)
+                return count
+            raise MedtuneError(f"{path}: unknown GGUF value type {kind}; the file is damaged or newer than medtune")
+
+        if buf[:4] != b"GGUF":
+            raise MedtuneError(f"{path}: not a GGUF file (bad magic); delete it and export again")
+        pos = 4
+        version, n_tensors, n_fields = take("<I"), take("<Q"), take("<Q")
+        if version not in (2, 3):
+            raise MedtuneError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+        fields = {}
+        for _ in range(n_fields):
+            key = string()
+            fields[key] = value(take("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(take("<Q") for _ in range(take("<I")))
+            kind = take("<I")
+            take("<Q")  # data offset
+            tensors.append((name, shape, GGMLQuantizationType(kind).name))
+    return Header(fields, tensors)
 
 
 def check_metadata(path: Path, gguf_type: str, chat_template: str | None, eot_id: int) -> dict[str, Any]:
     import llama_cpp
-    from gguf import GGUFReader
 
-    reader = GGUFReader(path)
-    histogram = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
-    vectors = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) <= 1)
+    header = read_header(path)
+    histogram = Counter(kind for _, shape, kind in header.tensors if len(shape) > 1)
+    vectors = Counter(kind for _, shape, kind in header.tensors if len(shape) <= 1)
     main, alternatives = TENSOR_TYPES[gguf_type]
     expected_ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    fields = header.fields
     checks = {
-        "architecture": _field(reader, "general.architecture"),
-        "file_type": _field(reader, "general.file_type"),
+        "architecture": fields.get("general.architecture"),
+        "file_type": fields.get("general.file_type"),
         "expected_file_type": expected_ftype,
         "tensor_types": dict(histogram),
         "vector_types": dict(vectors),
-        "chat_template_matches": _field(reader, "tokenizer.chat_template") == chat_template,
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "chat_template_matches": fields.get("tokenizer.chat_template") == chat_template,
+        "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
         "expected_eos_token_id": eot_id,
     }
     problems = []
@@ -81,10 +162,11 @@ def check_metadata(path: Path, gguf_type: str, chat_template: str | None, eot_id
     return checks
 
 
-def check_runtime(path: Path, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """Load and answer once in a child process; a segfaulting llama.cpp build becomes a clear error."""
-    cmd = [sys.executable, "-m", "medtune.infer.smoke", str(path), prompt, str(max_tokens)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def run_parity(path: Path, hf_dir: Path, prompt: str, max_tokens: int, logits: bool) -> dict[str, Any]:
+    """`medtune.export.parity` on one file, in a child process; a segfaulting llama.cpp build becomes a clear error."""
+    spec = {"gguf": str(path), "hf_dir": str(hf_dir), "prompt": prompt, "max_tokens": max_tokens, "logits": logits}
+    proc = subprocess.run([sys.executable, "-m", "medtune.export.parity", json.dumps(spec)], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         if proc.returncode < 0:
             raise MedtuneError(
@@ -94,10 +176,30 @@ def check_runtime(path: Path, prompt: str, max_tokens: int) -> dict[str, Any]:
             )
         tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
         raise MedtuneError(f"{path.name}: llama.cpp could not run this file:\n{tail}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["problems"] = []
-    if not result["text"].strip():
-        result["problems"].append("empty answer")
-    if result["finish_reason"] != "stop":
-        result["problems"].append(f"did not stop at the end-of-turn token within {max_tokens} tokens")
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def judge(result: dict[str, Any], gguf_type: str, limits: Limits, reference_ppl: float | None) -> list[str]:
+    """Turn the parity numbers of one file into problems; adds the perplexity change vs F16 to `result`."""
+    problems = []
+    tokenizer = result["tokenizer"]
+    if tokenizer["fatal_mismatches"]:
+        problems.append(f"tokenizer: llama.cpp and HF ids differ on {tokenizer['fatal_mismatches']} ASCII or "
+                        f"special-token text(s), e.g. {tokenizer['examples'][0]['text']!r}")
+    logits = result.get("logits")
+    if logits is not None and logits["top1_agreement"] < limits.min_top1_agreement:
+        problems.append(f"top-1 agreement with the HF model is {logits['top1_agreement']:.2%} < "
+                        f"{limits.min_top1_agreement:.0%} (max |logit diff| {logits['max_abs_logit_diff']})")
+    ppl = result["perplexity"]
+    if reference_ppl is not None:
+        ppl["relative_to_float"] = round(ppl["value"] / reference_ppl - 1, 5)
+        bound = limits.max_ppl_increase.get(gguf_type)
+        if bound is not None and ppl["relative_to_float"] > bound:
+            problems.append(f"held-out perplexity {ppl['value']} is {ppl['relative_to_float']:+.1%} vs the float "
+                            f"file (allowed {bound:+.0%}): the quantized file is broken")
+    runtime = result["runtime"]
+    if not runtime["text"].strip():
+        problems.append("empty answer")
+    if limits.require_stop and runtime["finish_reason"] != "stop":
+        problems.append(f"did not stop at the end-of-turn token within {limits.smoke_max_tokens} tokens")
+    return problems

@@ -2,11 +2,14 @@
 
 - `LlamaCppEngine`: a GGUF file through llama-cpp-python, with the file's own chat template and stop tokens.
 - `HFEngine`: an HF model directory (merged model, or a PEFT adapter directory on its base) through transformers.
+
+An engine runs one generation at a time (llama.cpp contexts are not thread-safe); callers that share one serialize.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -17,10 +20,19 @@ from medtune.errors import MedtuneError
 
 Messages = list[dict[str, str]]
 
+# llama.cpp rounds the context up to a multiple of 256, but llama-cpp-python sizes its token buffers from the number
+# asked: with any other number a prompt between the two fails with a numpy broadcast error. So ask for the multiple.
+LLAMA_CTX_STEP = 256
+
+
+class ContextOverflow(MedtuneError):
+    """The prompt does not fit the model's context window."""
+
 
 class Engine:
     finish_reason: str | None = None
     completion_tokens: int = 0
+    n_ctx: int = 0
 
     def stream(self, messages: Messages, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
         raise NotImplementedError
@@ -37,38 +49,72 @@ class Engine:
         }
 
 
+def llama_context_size(n_ctx: int) -> int:
+    """The context size llama.cpp will really use for a request of `n_ctx` tokens."""
+    if n_ctx < 1:
+        raise MedtuneError(f"n_ctx must be > 0, got {n_ctx}")
+    return -(-n_ctx // LLAMA_CTX_STEP) * LLAMA_CTX_STEP
+
+
 class LlamaCppEngine(Engine):
     def __init__(self, path: str | Path, n_ctx: int = 4096, threads: int | None = None, seed: int = 0) -> None:
         from llama_cpp import Llama
 
         if not Path(path).is_file():
             raise MedtuneError(f"{path}: GGUF file not found")
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), seed=seed,
+        self.n_ctx = llama_context_size(n_ctx)
+        self.path = Path(path)
+        self.llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=threads or os.cpu_count(), seed=seed,
                          verbose=False)
-        self.n_ctx = n_ctx
+
+    def _translate(self, exc: Exception) -> Exception:
+        if isinstance(exc, ValueError) and "exceed context window" in str(exc):
+            found = re.search(r"Requested tokens \((\d+)\)", str(exc))
+            size = f" ({found.group(1)} tokens)" if found else ""
+            return ContextOverflow(f"the prompt{size} does not fit the context of {self.n_ctx} tokens; "
+                                   "shorten it or raise --n-ctx")
+        if type(exc).__module__.startswith("jinja2"):
+            return MedtuneError(f"the model's chat template rejected these messages: {exc}")
+        return exc
+
+    def chat(self, messages: Messages, stream: bool = False, **sampling: Any) -> Any:
+        """llama-cpp-python's OpenAI-shaped chat completion (a dict, or an iterator of chunk dicts when streaming).
+
+        A prompt that does not fit raises `ContextOverflow`, before the first chunk when streaming.
+        """
+        try:
+            result = self.llm.create_chat_completion(messages=messages, stream=stream, **sampling)
+            if not stream:
+                return result
+            first = next(result, None)  # llama-cpp-python checks the prompt's length only when the stream starts
+        except Exception as exc:
+            raise self._translate(exc) from None
+        return self._chunks(first, result)
+
+    def _chunks(self, first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+        if first is None:
+            return
+        yield first
+        try:
+            yield from rest
+        except Exception as exc:
+            raise self._translate(exc) from None
 
     def stream(self, messages: Messages, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
         self.finish_reason, self.completion_tokens = None, 0
-        try:
-            chunks = self.llm.create_chat_completion(messages=messages, temperature=temperature, top_p=top_p,
-                                                     max_tokens=max_tokens, stream=True)
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                if "content" in choice["delta"]:  # one chunk per generated token, even when it prints nothing
-                    self.completion_tokens += 1
-                    if choice["delta"]["content"]:
-                        yield choice["delta"]["content"]
-                if choice.get("finish_reason"):
-                    self.finish_reason = choice["finish_reason"]
-        except ValueError as exc:
-            if "exceed context window" in str(exc):
-                raise MedtuneError(f"the prompt does not fit the context of {self.n_ctx} tokens ({exc}); "
-                                   "shorten it, /reset the history, or raise chat.n_ctx") from None
-            raise
+        for chunk in self.chat(messages, stream=True, temperature=temperature, top_p=top_p, max_tokens=max_tokens):
+            choice = chunk["choices"][0]
+            delta = choice["delta"]
+            if "content" in delta:  # one chunk per generated token, even when it prints nothing
+                self.completion_tokens += 1
+                if delta["content"]:
+                    yield delta["content"]
+            if choice["finish_reason"]:
+                self.finish_reason = choice["finish_reason"]
 
 
 class HFEngine(Engine):
-    def __init__(self, path: str | Path, device: str | None = None) -> None:
+    def __init__(self, path: str | Path, device: str | None = None, seed: int = 0) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -96,41 +142,60 @@ class HFEngine(Engine):
             eos = stop_token_ids(self.tokenizer)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.n_ctx = getattr(model.config, "max_position_embeddings", 4096)
+        self.seed = seed
 
     def stream(self, messages: Messages, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         self.finish_reason, self.completion_tokens = None, 0
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.model.device)
-        if ids.shape[1] + max_tokens > self.n_ctx:
-            raise MedtuneError(f"the prompt ({ids.shape[1]} tokens) plus max tokens ({max_tokens}) does not fit the "
-                               f"context of {self.n_ctx}; shorten it or /reset the history")
+        if ids.shape[1] >= self.n_ctx:
+            raise ContextOverflow(f"the prompt ({ids.shape[1]} tokens) does not fit the context of {self.n_ctx} "
+                                  "tokens; shorten it")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        stop = threading.Event()
+
+        class Stop(StoppingCriteria):  # lets a consumer that stops reading (Ctrl-C) end the generation thread too
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
         result: dict[str, Any] = {}
 
         def work() -> None:
-            result["out"] = self.model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape),
-                                                max_new_tokens=max_tokens, eos_token_id=list(self.eos_ids),
-                                                pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
-                                                **sampling)
+            try:
+                result["out"] = self.model.generate(
+                    input_ids=ids, attention_mask=ids.new_ones(ids.shape),
+                    max_new_tokens=min(max_tokens, self.n_ctx - ids.shape[1]), eos_token_id=list(self.eos_ids),
+                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([Stop()]), **sampling)
+            except BaseException as exc:  # re-raised in the consumer's thread below
+                result["error"] = exc
+                streamer.end()
 
+        torch.manual_seed(self.seed)
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
+        if "error" in result:
+            raise result["error"]
         new = result["out"][0, ids.shape[1]:].tolist()
         self.completion_tokens = len(new)
         self.finish_reason = "stop" if new and new[-1] in self.eos_ids else "length"
 
 
-def open_engine(path: str | Path, n_ctx: int = 4096) -> Engine:
+def open_engine(path: str | Path, n_ctx: int = 4096, threads: int | None = None, seed: int = 0) -> Engine:
     """A GGUF file -> llama.cpp; a directory -> transformers."""
     path = Path(path)
     if path.suffix == ".gguf":
-        return LlamaCppEngine(path, n_ctx=n_ctx)
+        return LlamaCppEngine(path, n_ctx=n_ctx, threads=threads, seed=seed)
     if path.is_dir():
-        return HFEngine(path)
+        return HFEngine(path, seed=seed)
     raise MedtuneError(f"{path}: not a .gguf file or a model directory")
