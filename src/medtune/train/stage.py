@@ -259,20 +259,25 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
             log.write({"step": 0, "val_loss": val_before})
     else:  # measured before the first step, by the run being resumed
         val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0), None)
-    batches = micro_batches(skip=start_step * window)
+    def windows():
+        """This process's micro-batches of each optimizer step, collated (CPU work)."""
+        batches = micro_batches(skip=start_step * window)
+        while True:
+            group = [next(batches) for _ in range(window)]
+            yield group[-1][0], [collate(rows, pad_id) for _, rows in group[dist.rank :: dist.world]]
+
+    upcoming = windows()
+    epoch, collated = next(upcoming)
     start = time.perf_counter()
     seen_tokens = 0
     last: dict[str, Any] = {}
     task = ui.task("train", total=total_steps)
     ui.update(task, completed=start_step)
     for step in range(start_step, total_steps):
-        group = [next(batches) for _ in range(window)]
-        mine = group[dist.rank :: dist.world]
-        collated = [collate(rows, pad_id) for _, rows in mine]
         n_target = dist.total(sum(int((b["labels"] != IGNORE).sum()) for b in collated))
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for k, batch in enumerate(collated):
-            batch = {key: v.to(device) for key, v in batch.items()}
+            batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
             sync = contextlib.nullcontext() if dist.world == 1 or k == len(collated) - 1 else net.no_sync()
             with sync:
                 with autocast():
@@ -280,9 +285,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
                 # DDP averages gradients over processes; scaling by the world size makes the result the mean
                 # over every trained token of the global batch.
                 scaler.scale(loss * dist.world / n_target).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             seen_tokens += int(batch["real_tokens"])
-        loss_value = dist.total(loss_sum) / n_target
+        # Collate the next step while the device works through this one; the first read of a result below waits.
+        next_epoch, next_collated = next(upcoming) if step + 1 < total_steps else (epoch, [])
+        loss_value = dist.total(float(loss_sum)) / n_target
         if not math.isfinite(loss_value):
             kept = checkpoint.latest(ckpt_root)
             raise MedtuneError(f"train: loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
@@ -297,7 +304,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         elapsed = time.perf_counter() - start
         all_tokens = dist.total(seen_tokens)
         tokens_per_s = all_tokens / elapsed
-        last = {"step": step + 1, "epoch": group[-1][0], "loss": round(loss_value, 5), "lr": lr,
+        last = {"step": step + 1, "epoch": epoch, "loss": round(loss_value, 5), "lr": lr,
                 "grad_norm": round(grad_norm, 4), "tokens": int(all_tokens), "tokens_per_s": round(tokens_per_s, 1),
                 "elapsed_s": round(elapsed, 2)}
         done = step + 1 == total_steps
@@ -309,6 +316,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
             checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints)
         ui.update(task, completed=step + 1,
                   description=f"train loss {loss_value:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+        epoch, collated = next_epoch, next_collated
 
     val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
     report = {
