@@ -192,7 +192,7 @@ def chat_command(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply")] = 1024,
     n_ctx: Annotated[int, typer.Option(min=1, help="Context size for GGUF models (tokens)")] = 4096,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for GGUF models [default: all]")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for GGUF models (default: all cores)")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
 ) -> None:
     """Chat with a model: one-shot with -p, batch with --input/--output, interactive otherwise.
@@ -237,7 +237,7 @@ def serve_command(
     api_key: Annotated[str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Require 'Authorization: Bearer "
                                                 "KEY' on every request but /health")] = None,
     n_ctx: Annotated[int, typer.Option(min=1, help="Context size (tokens)")] = 4096,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: all]")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores)")] = None,
 ) -> None:
     """Serve a GGUF model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health."""
     _quiet_libraries()
@@ -247,7 +247,7 @@ def serve_command(
     err_console.print(disclaimer_banner())
     try:
         serve(model, host=host, port=port, api_key=api_key, n_ctx=n_ctx, threads=threads,
-              log=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
+              log=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     except MedtuneError as exc:
         _fail(exc)
 

@@ -130,8 +130,10 @@ class BenchmarkConfig(Section):
 class EvalConfig(Section):
     benchmarks: list[BenchmarkConfig] = []
     models: list[str] = ["Q4_K_M"]  # GGUF types of this run, "merged", or paths
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0)  # a stratified sample of each benchmark (by answer letter, subject)
     max_new_tokens: int = Field(512, gt=0)
+    mode: Literal["generate", "loglik"] = "generate"  # loglik: options' log-likelihood, lm-eval style (HF models)
+    batch_size: int | None = Field(None, gt=0)  # HF items per batch; None: 16 on a GPU, 1 (generate) / 8 (loglik)
 
 
 class Config(Section):

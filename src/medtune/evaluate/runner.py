@@ -1,9 +1,9 @@
 """Running a model over benchmark items and summarizing: one `Solver` per way of answering, per-item records.
 
-Solvers: `EngineSolver` (chain-of-thought generation one item at a time through an inference engine: GGUF files, or
-HF models on a CPU), `BatchedSolver` (the same generation batched on a GPU) and `LoglikSolver` (log-likelihood of the
-options, HF models only). Per-item results are appended to a JSONL file as they are produced; an interrupted
-evaluation resumes from it.
+Solvers: `EngineSolver` (chain-of-thought generation one item at a time through an inference engine: the eval stage
+uses it for GGUF files), `BatchedSolver` (the same generation for HF models, batched on a GPU) and `LoglikSolver`
+(log-likelihood of the options, HF models only). Per-item results are appended to a JSONL file as they are produced;
+an interrupted evaluation resumes from it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Output folder `eval/`: `<model>/<benchmark>.jsonl` (per item: prompt, output, ex
 benchmark that overlaps this run's training data) and `accuracy.png` (the same accuracies as bars with error bars).
 Per-item results are first written to `<run>/eval_cache/`, so an interrupted evaluation resumes where it stopped.
 
-`eval.mode`: "generate" (chain-of-thought answers; HF models are batched on a GPU, everything else runs one item at
-a time) or "loglik" (the options' log-likelihood, lm-evaluation-harness style; HF models only).
+`eval.mode`: "generate" (chain-of-thought answers: GGUF files through llama.cpp one item at a time, HF models through
+transformers, batched on a GPU and one item at a time on a CPU unless `eval.batch_size` says otherwise) or "loglik"
+(the options' log-likelihood, lm-evaluation-harness style; HF models only).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import GGUF_TYPES, Config
 from medtune.errors import MedtuneError
 from medtune.evaluate.benchmarks import Item, load_benchmark, stratified_sample
-from medtune.evaluate.hf import BatchedGenerator, default_device, is_hf_model, load_hf
+from medtune.evaluate.hf import BatchedGenerator, default_device, load_hf
 from medtune.evaluate.loglik import LoglikScorer
 from medtune.evaluate.report import overlap, overlap_warnings, results_table, write_report
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, Solver, evaluate_items
@@ -31,7 +32,7 @@ from medtune.models import package_file, resolve_base
 from medtune.ui import UI
 
 MODES = ("generate", "loglik")
-GPU_BATCH_SIZE = 16  # HF generation and scoring on a GPU when eval.batch_size is not set
+GPU_BATCH_SIZE = 16  # HF generation and scoring on a GPU when eval.batch_size is not set (CPU generation: 1)
 CPU_LOGLIK_BATCH_SIZE = 8  # scoring rows per forward pass on a CPU (lm-eval's --batch_size in the cross-check)
 
 
@@ -62,10 +63,10 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
 
 def eval_settings(cfg: Config) -> tuple[str, int | None]:
     """(mode, batch size or None) from the eval section."""
-    mode = getattr(cfg.eval, "mode", "generate")
+    mode = cfg.eval.mode
     if mode not in MODES:
         raise MedtuneError(f"eval.mode must be one of {list(MODES)}, got {mode!r}")
-    batch_size = getattr(cfg.eval, "batch_size", None)
+    batch_size = cfg.eval.batch_size
     if batch_size is not None and batch_size < 1:
         raise MedtuneError(f"eval.batch_size must be >= 1, got {batch_size}")
     return mode, batch_size
@@ -89,12 +90,12 @@ def open_solvers(path: Path, mode: str, cfg: Config, batch_size: int | None = No
         scorer = LoglikScorer(model, tokenizer, batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_LOGLIK_BATCH_SIZE))
         return lambda kind: LoglikSolver(scorer, kind)
     solver: Solver
-    if on_gpu and path.suffix != ".gguf" and (is_hf_model(path) or not path.exists()):
-        model, tokenizer = load_hf(path, device=device)
-        solver = BatchedSolver(BatchedGenerator(model, tokenizer, batch_size or GPU_BATCH_SIZE),
-                               cfg.eval.max_new_tokens)
-    else:
+    if path.suffix == ".gguf":
         solver = EngineSolver(open_engine(path, n_ctx=cfg.chat.n_ctx), cfg.eval.max_new_tokens)
+    else:
+        model, tokenizer = load_hf(path, device=device)
+        generator = BatchedGenerator(model, tokenizer, batch_size or (GPU_BATCH_SIZE if on_gpu else 1))
+        solver = BatchedSolver(generator, cfg.eval.max_new_tokens)
     return lambda kind: solver
 
 

@@ -47,10 +47,14 @@ def answer(engine: Engine, messages: Messages, console: Any, sampling: dict[str,
     pieces: list[str] = []
     start = time.perf_counter()
     finish = None
+    # The model's text goes to the terminal as it is: rich's print would turn ":heart:" into an emoji, and costs
+    # tens of microseconds a token.
+    screen = console.file
     try:
         for piece in engine.stream(messages, **sampling):
             pieces.append(piece)
-            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            screen.write(piece)
+            screen.flush()
         finish = engine.finish_reason
     except KeyboardInterrupt:
         finish = "interrupted"
@@ -67,12 +71,16 @@ def answer(engine: Engine, messages: Messages, console: Any, sampling: dict[str,
         limit = sampling["max_tokens"]
         info.print(f"[yellow](cut at --max-tokens {limit})[/]" if tokens >= limit else
                    f"[yellow](cut at the end of the context, {engine.n_ctx} tokens: /reset or raise --n-ctx)[/]")
-    rate = f" · {tokens / elapsed:.1f} tokens/s" if elapsed > 0 and tokens else ""
-    info.print(f"[dim]{tokens} tokens{rate}[/]", highlight=False)
+    if tokens:
+        info.print(f"[dim]{tokens} tokens · {tokens / elapsed:.1f} tokens/s[/]", highlight=False)
     return {"text": text, "final_answer": letter, "finish_reason": finish, "completion_tokens": tokens}
 
 
 def interactive(engine: Engine, console: Any, sampling: dict[str, Any], system: str | None = None) -> None:
+    try:
+        import readline  # noqa: F401 (gives input() line editing and arrow-key history)
+    except ImportError:
+        pass
     history: Messages = []
     console.print(f"[dim]{HELP}.[/]")
     while True:
