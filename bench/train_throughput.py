@@ -116,8 +116,7 @@ def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: in
     torch.cuda.reset_peak_memory_stats()
     model = build(attn, dropout, seed=seed)
     if compile_model:  # the decoder has fixed (rows, 2048) shapes; the loss's data-dependent gather stays eager
-        base = model.get_base_model()
-        base.model = torch.compile(base.model)
+        model.get_base_model().model.compile()  # in place, as the train stage does
     loss_model = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = Adafactor(params, lr=2e-4, scale_parameter=False, relative_step=False, warmup_init=False)

@@ -63,3 +63,12 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name: x\nrun_dir: r\nbase: {model: a/b}\nexport: {name: x}\n", encoding="utf-8")
     with pytest.raises(MedtuneError, match="data: required key is missing"):
         load_config(bad)
+
+
+def test_fast_config_keeps_the_reference_data_and_lora():
+    ref = load_config(ROOT / "configs" / "llama-3.2-1b-reasonmed.yaml")
+    fast = load_config(ROOT / "configs" / "llama-3.2-1b-reasonmed-fast.yaml")
+    assert (fast.base, fast.train.lora) == (ref.base, ref.train.lora)
+    assert (fast.data.dataset, fast.data.data_file) == (ref.data.dataset, ref.data.data_file)
+    assert (fast.data.max_len, fast.data.length_policy, fast.data.packing) == (2048, "keep_answer", True)
+    assert (fast.train.precision, fast.train.attention, fast.train.compile) == ("bf16", "flex_attention", True)

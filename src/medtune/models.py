@@ -161,8 +161,9 @@ def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(base: str, dtype: Any = None, device: str = "cpu") -> PreTrainedModel:
+def load_model(base: str, dtype: Any = None, device: str = "cpu", attention: str = "auto") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32")
+    extra = {} if attention == "auto" else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32", **extra)
     return model.to(device)

@@ -126,11 +126,12 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
     return get_peft_model(model, config)
 
 
-def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool) -> Any:
+def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
     frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
     if not qlora:
-        return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device))
+        return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device),
+                          attention=attention)
     if device.type != "cuda":
         raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
     try:
@@ -143,7 +144,9 @@ def load_base_for_training(base: str, precision: str, device: torch.device, qlor
     compute = torch.bfloat16 if precision == "bf16" else torch.float16
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device.index or 0})
+    extra = {} if attention == "auto" else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device.index or 0},
+                                                 **extra)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -203,7 +206,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
     val_rows = [[e] for e in load_split(prepared, "val")]
 
-    model = apply_lora(load_base_for_training(base, precision, device, tc.qlora), cfg, ui)
+    model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui)
+    if tc.compile:
+        # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
+        # of labelled positions has a data-dependent shape and stays outside the compiled graph.
+        model.get_base_model().model.compile()
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
