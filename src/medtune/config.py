@@ -105,6 +105,7 @@ class ExportConfig(Section):
     name: str
     types: list[str] = ["F16", "Q8_0", "Q5_K_M", "Q4_K_M"]
     check_prompt: str = "Which organ produces insulin? Answer in one sentence."
+    ollama: bool = True  # write the Ollama Modelfile (ChatML and Llama 3 chat templates)
 
     @field_validator("types")
     @classmethod

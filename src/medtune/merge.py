@@ -1,11 +1,18 @@
 """Merge a LoRA adapter into its base model; write a self-contained HF model directory.
 
+The base is loaded unquantized in its own precision (`merge.dtype: auto`): bf16 for Llama 3.2, float32 for a
+dequantized GGUF base. A QLoRA adapter (trained with `train.qlora`, recorded in the adapter's manifest) merges
+into the same base loaded in bf16, never into 4-bit weights: merging into NF4 would round the sum back to 4 bits
+and lose most of the update. A base checkpoint that is itself stored quantized is refused with the fix.
+
 The merge is checked: logits of the merged model are compared with base + adapter on a few prompts before it is
-saved, and a difference above the dtype's tolerance fails the stage.
+saved, and a difference above the dtype's tolerance fails the stage. The output holds safetensors shards, the
+tokenizer with its chat template, and a generation config listing every end-of-turn id.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +27,36 @@ from medtune.ui import UI
 # Max |logit| difference allowed between base + adapter and the merged weights, by merge dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.1}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QLORA_DTYPE = torch.bfloat16  # QLoRA computes in bf16 over the dequantized 4-bit weights
 
 
-def merge_dtype(cfg: Config, base: str) -> torch.dtype:
-    """auto: the base's own precision (bf16 for Llama 3.2; float32 for a dequantized GGUF base)."""
+def trained_with_qlora(cfg: Config, run_dir: RunDir) -> bool:
+    """Whether the adapter was trained on a 4-bit base: the adapter manifest's train config says so."""
+    manifest = run_dir.manifest("adapter") or {}
+    train = manifest.get("config", {}).get("train")
+    return bool(train.get("qlora")) if isinstance(train, dict) else cfg.train.qlora
+
+
+def check_unquantized(base: str) -> None:
+    """A merge needs real weights; a checkpoint stored in 4/8 bits (e.g. a `-bnb-4bit` repo) cannot take one."""
+    from transformers import AutoConfig
+
+    quantization = getattr(AutoConfig.from_pretrained(base), "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise MedtuneError(
+            f"base.model {base}: the checkpoint is stored quantized ({method}); a LoRA adapter must merge into "
+            "unquantized weights: set base.model to the original bf16/fp16 model the quantized one was made from"
+        )
+
+
+def merge_dtype(cfg: Config, base: str, qlora: bool = False) -> torch.dtype:
+    """auto: the base's own precision (bf16 for Llama 3.2; float32 for a dequantized GGUF base); bf16 for QLoRA."""
     if cfg.merge.dtype != "auto":
         return DTYPES[cfg.merge.dtype]
+    if qlora:
+        return QLORA_DTYPE
     from transformers import AutoConfig
 
     declared = getattr(AutoConfig.from_pretrained(base), "dtype", None)
@@ -43,24 +74,34 @@ def _logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     return out
 
 
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import GenerationConfig
 
     adapter = run_dir.require("adapter", "medtune train CONFIG")
     base = resolve_base(cfg.base.model, cfg.base.revision)
-    dtype = merge_dtype(cfg, base)
+    check_unquantized(base)
+    qlora = trained_with_qlora(cfg, run_dir)
+    dtype = merge_dtype(cfg, base, qlora)
     tokenizer = load_tokenizer(base)
     tuned = PeftModel.from_pretrained(load_model(base, dtype=dtype), adapter)
     tuned.eval()
     reference = _logits(tuned, tokenizer, cfg.merge.check_prompts)
+    with tuned.disable_adapter():
+        adapter_effect = _max_diff(_logits(tuned, tokenizer, cfg.merge.check_prompts), reference)
     merged = tuned.merge_and_unload()
-    diff = max(float((a - b).abs().max()) for a, b in zip(_logits(merged, tokenizer, cfg.merge.check_prompts),
-                                                          reference))
+    diff = _max_diff(_logits(merged, tokenizer, cfg.merge.check_prompts), reference)
     tolerance = cfg.merge.tolerance or TOLERANCE[dtype]
     if diff > tolerance:
-        raise MedtuneError(f"merge: merged logits differ from base + adapter by {diff:.4g} > {tolerance} "
-                           f"(dtype {dtype}); the adapter does not match this base")
+        raise MedtuneError(
+            f"merge: merged logits differ from base + adapter by {diff:.4g} > merge.tolerance {tolerance} (dtype "
+            f"{str(dtype).removeprefix('torch.')}); merge in higher precision (--set merge.dtype=float32) or check "
+            f"that {adapter} was trained on {cfg.base.model}"
+        )
 
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -73,5 +114,21 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     generation.pad_token_id = tokenizer.pad_token_id
     generation.do_sample, generation.temperature, generation.top_p = True, cfg.chat.temperature, cfg.chat.top_p
     generation.save_pretrained(out)
-    ui.log(f"merge: max |logit| difference vs base + adapter {diff:.2e} (tolerance {tolerance}, {dtype})")
-    return {"dtype": str(dtype).removeprefix("torch."), "max_logit_diff": diff, "tolerance": tolerance}
+    _check_saved(out)
+    ui.log(f"merge: max |logit| difference vs base + adapter {diff:.2e} (tolerance {tolerance}, {dtype}); the "
+           f"adapter moves logits by up to {adapter_effect:.3g}" + ("; QLoRA adapter merged into the bf16 base"
+                                                                  if qlora else ""))
+    if adapter_effect == 0.0:
+        ui.log("[yellow]warning: the adapter does not change the model's logits at all (an untrained adapter?)[/]")
+    return {"dtype": str(dtype).removeprefix("torch."), "qlora": qlora, "max_logit_diff": diff,
+            "tolerance": tolerance, "adapter_max_logit_change": adapter_effect,
+            "check_prompts": len(cfg.merge.check_prompts)}
+
+
+def _check_saved(out: Path) -> None:
+    """What llama.cpp's converter and every later stage need must be in the folder."""
+    if not list(out.glob("*.safetensors")):
+        raise MedtuneError(f"merge: {out} holds no safetensors weights after saving")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        raise MedtuneError(f"merge: {out}/config.json still declares a quantization; the merged weights are not plain")

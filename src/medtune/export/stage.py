@@ -1,7 +1,10 @@
-"""The export stage entry point: F16 from the merged model, then each quantization, each file verified.
+"""The export stage entry point: F16 (and/or BF16) from the merged model, then each quantization, every file verified.
 
-Output folder `gguf/`: `<name>-fp16.gguf`, `<name>-Q8_0.gguf`, ... and `manifest.json` listing every file with its
-size, sha256, type, the llama.cpp and medtune versions, and the numbers of its checks.
+Output folder `gguf/`: `<name>-fp16.gguf`, `<name>-Q8_0.gguf`, ..., `Modelfile` (Ollama), `README.md` (model card)
+and `manifest.json` listing every file with its size and sha256, plus (in `results`) each file's type, the llama.cpp
+and medtune versions and the numbers of its checks. The folder is built under a temporary name and renamed into
+place by the pipeline (RunDir.atomic), so a killed export leaves nothing at a final path and the next run starts
+afresh.
 """
 
 from __future__ import annotations
@@ -10,45 +13,89 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medtune.artifacts import RunDir
+from medtune import __version__
+from medtune.artifacts import RunDir, atomic_write_text
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.export import gguf, verify
+from medtune.export import card, gguf, ollama, verify
 from medtune.models import end_of_turn_token, load_tokenizer
 from medtune.ui import UI
 
+FLOAT_TYPES = ("F16", "BF16")
+OLLAMA_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q4_0", "Q6_K", "Q8_0", "Q3_K_M", "Q2_K", "F16", "BF16")
 
-def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
+
+def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits | None = None) -> dict[str, Any]:
+    """Convert, quantize, verify; write the Modelfile and the model card. Raises MedtuneError if a check fails.
+
+    `limits` relaxes what a file must achieve (tests on random-weight models); `export.ollama: false` exports a
+    model whose chat template medtune cannot express for Ollama.
+    """
+    limits = limits or verify.Limits()
     merged = run_dir.require("merged", "medtune merge CONFIG")
     tokenizer = load_tokenizer(str(merged))
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    float_type = "F16" if "F16" in cfg.export.types else "BF16"
-    results: dict[str, Any] = {"llama_cpp_version": gguf.llama_cpp_version(), "files": {}}
-    source = out / gguf.file_name(cfg.export.name, float_type)
+    name, types = cfg.export.name, cfg.export.types
+    floats = [t for t in FLOAT_TYPES if t in types]
+    ordered = floats + [t for t in types if t not in floats]
+    results: dict[str, Any] = {"llama_cpp_version": gguf.llama_cpp_version(), "medtune_version": __version__,
+                               "files": {}}
 
-    start = time.perf_counter()
-    gguf.convert(merged, source, float_type.lower())
-    timings = {float_type: round(time.perf_counter() - start, 2)}
-    ui.log(f"export: {source.name} ({timings[float_type]} s)")
-    for gguf_type in cfg.export.types:
-        if gguf_type == float_type:
-            continue
-        target = out / gguf.file_name(cfg.export.name, gguf_type)
+    modelfile_text = None
+    if cfg.export.ollama:  # before the long steps: an unsupported chat template fails in seconds
+        target = next(t for t in OLLAMA_PREFERENCE if t in types)
+        modelfile_text, results["ollama"] = ollama.modelfile(tokenizer, gguf.file_name(name, target), name)
+
+    timings: dict[str, float] = {}
+    for gguf_type in ordered:
+        path = out / gguf.file_name(name, gguf_type)
         start = time.perf_counter()
-        gguf.quantize(source, target, gguf_type)
+        if gguf_type in floats:
+            gguf.convert(merged, path, gguf_type.lower())
+        else:
+            gguf.quantize(out / gguf.file_name(name, floats[0]), path, gguf_type)
         timings[gguf_type] = round(time.perf_counter() - start, 2)
-        ui.log(f"export: {target.name} ({timings[gguf_type]} s)")
+        ui.log(f"export: {path.name} ({timings[gguf_type]} s)")
 
-    problems = []
-    for gguf_type in cfg.export.types:
-        path = out / gguf.file_name(cfg.export.name, gguf_type)
-        meta = verify.check_metadata(path, gguf_type, tokenizer.chat_template, eot_id)
-        runtime = verify.check_runtime(path, cfg.export.check_prompt, max_tokens=512)
-        problems += [f"{path.name}: {p}" for p in meta["problems"] + runtime["problems"]]
-        results["files"][gguf_type] = {"file": path.name, "seconds": timings[gguf_type], "metadata": meta,
-                                       "runtime": runtime}
-        ui.log(f"verify: {path.name}: {'ok' if not meta['problems'] + runtime['problems'] else 'FAILED'}")
-    results["problems"] = problems
+    problems: list[str] = []
+    warnings: list[str] = []
+    reference_ppl = None
+    for gguf_type in ordered:
+        path = out / gguf.file_name(name, gguf_type)
+        start = time.perf_counter()
+        metadata = verify.check_metadata(path, gguf_type, tokenizer.chat_template, eot_id)
+        parity = verify.run_parity(path, merged, cfg.export.check_prompt, limits.smoke_max_tokens,
+                                   logits=gguf_type in floats)
+        file_problems = metadata["problems"] + verify.judge(parity, gguf_type, limits, reference_ppl)
+        if reference_ppl is None:
+            reference_ppl = parity["perplexity"]["value"]
+        results["files"][gguf_type] = {"file": path.name, "type": gguf_type, "seconds": timings[gguf_type],
+                                       "verify_seconds": round(time.perf_counter() - start, 2), "metadata": metadata,
+                                       **parity, "problems": file_problems}
+        problems += [f"{path.name}: {p}" for p in file_problems]
+        tok = parity["tokenizer"]
+        if tok["mismatches"] > tok["fatal_mismatches"]:
+            rare = [e["text"] for e in tok["examples"] if not e["fatal"]]
+            warnings.append(f"{path.name}: llama.cpp splits {tok['mismatches'] - tok['fatal_mismatches']} text(s) "
+                            f"with rare unicode differently from HF, e.g. {rare[0]!r}")
+        ui.log(f"verify: {path.name}: {_summary(results['files'][gguf_type])}")
+    results["problems"], results["warnings"] = problems, warnings
+    for warning in dict.fromkeys(w.split(": ", 1)[1] for w in warnings):
+        ui.log(f"[yellow]warning: {warning}[/]")
     if problems:
         raise MedtuneError("export: verification failed:\n  " + "\n  ".join(problems))
+
+    if modelfile_text is not None:
+        atomic_write_text(out / "Modelfile", modelfile_text)
+    atomic_write_text(out / "README.md", card.model_card(cfg, run_dir, results))
     return results
+
+
+def _summary(r: dict[str, Any]) -> str:
+    parts = [f"tokenizer {r['tokenizer']['identical']}/{r['tokenizer']['texts']}"]
+    if "logits" in r:
+        parts.append(f"top-1 {r['logits']['top1_agreement']:.2%}, max |dlogit| {r['logits']['max_abs_logit_diff']}")
+    change = r["perplexity"].get("relative_to_float")
+    parts.append(f"ppl {r['perplexity']['value']}" + ("" if change is None else f" ({change:+.1%})"))
+    parts.append(f"answer {r['runtime']['finish_reason']}")
+    return ("ok: " if not r["problems"] else "FAILED: ") + ", ".join(parts)

@@ -1,0 +1,191 @@
+"""The Ollama `Modelfile`: FROM the Q4_K_M file, a Go TEMPLATE equal to the model's chat template, its stop tokens.
+
+Ollama does not run the HF (jinja) chat template; it needs a Go text/template over `.Messages`. medtune knows two
+turn formats, ChatML (`<|im_start|>role ... <|im_end|>`, SmolLM2, Qwen) and Llama 3 (`<|start_header_id|>role
+<|end_header_id|> ... <|eot_id|>`). What the HF template adds around the turns (a default system prompt, Llama 3.2's
+"Cutting Knowledge Date / Today Date" lines) is read off its own rendering of probe conversations, and the Go
+template built from it must render every probe conversation exactly as the HF template does, or no Modelfile is
+written. Limits that Go templates impose, stated in the file: a date the HF template computes on the day (Llama
+3.2's "Today Date") is fixed at the export date; a template that trims message text (Llama 3) is matched for text
+without leading or trailing whitespace.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from medtune import __version__
+from medtune.errors import MedtuneError
+from medtune.export import gotemplate
+from medtune.models import stop_token_ids
+
+TEMPERATURE = 0.7  # the seed's sampling defaults
+TOP_P = 0.9
+PROBE_SYSTEM, PROBE_USER = "SYSTEM-PROBE-7", "USER-PROBE-3"
+PROBES: tuple[list[dict[str, str]], ...] = (
+    [{"role": "user", "content": "Which organ produces insulin?"}],
+    [{"role": "system", "content": "You are a careful medical assistant."},
+     {"role": "user", "content": "Which vitamin deficiency causes scurvy?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Define tachycardia.\nKeep it short."}],
+    [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "What is the normal pH?"},
+     {"role": "assistant", "content": "7.35 to 7.45."}, {"role": "user", "content": "And PaCO2?"}],
+    [{"role": "user", "content": "Start your answer with 'The answer is'."},
+     {"role": "assistant", "content": "The answer is"}],  # an unfinished reply the model continues
+)
+
+
+@dataclass(frozen=True)
+class TurnFormat:
+    name: str
+    turn_start: str  # opens a turn; followed by the role
+    role_end: str  # between the role and the content
+    turn_end: str  # closes a turn
+
+
+FORMATS = (
+    TurnFormat("chatml", "<|im_start|>", "\n", "<|im_end|>\n"),
+    TurnFormat("llama3", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>"),
+)
+
+
+def _hf_render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The HF template's text for `messages` as Ollama would prompt it: a generation prompt after a user turn, an
+    open reply after an assistant turn, and without the BOS text that llama.cpp adds as a token."""
+    last_is_reply = messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not last_is_reply,
+                                         continue_final_message=last_is_reply)
+    bos = tokenizer.bos_token
+    if bos and "bos_token" in (tokenizer.chat_template or "") and text.startswith(bos):
+        text = text[len(bos) :]
+    return text
+
+
+def ollama_values(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The data Ollama hands a `.Messages` template: system texts joined as `.System`, consecutive turns of one
+    role merged (ollama/template/template.go, collate)."""
+    collated: list[dict[str, str]] = []
+    for message in messages:
+        if collated and collated[-1]["Role"] == message["role"]:
+            collated[-1]["Content"] += "\n\n" + message["content"]
+        else:
+            collated.append({"Role": message["role"], "Content": message["content"]})
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return {"System": system, "Messages": collated, "Tools": None, "Response": ""}
+
+
+def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
+    """The turn format and what the HF template writes before the turns: (format, default system block, the
+    opening of a given system turn)."""
+    vocab = tokenizer.get_vocab()
+    plain = _hf_render(tokenizer, [{"role": "user", "content": PROBE_USER}])
+    with_system = _hf_render(tokenizer, [{"role": "system", "content": PROBE_SYSTEM},
+                                         {"role": "user", "content": PROBE_USER}])
+    for fmt in FORMATS:
+        if fmt.turn_start not in vocab:
+            continue
+        user_turn = f"{fmt.turn_start}user{fmt.role_end}{PROBE_USER}{fmt.turn_end}"
+        reply_start = f"{fmt.turn_start}assistant{fmt.role_end}"
+        if not plain.endswith(user_turn + reply_start) or PROBE_SYSTEM not in with_system:
+            continue
+        default_system = plain[: -len(user_turn + reply_start)]
+        system_open, _, after = with_system.partition(PROBE_SYSTEM)
+        if after == fmt.turn_end + user_turn + reply_start:
+            return fmt, default_system, system_open
+    raise MedtuneError(
+        "export: the model's chat template is neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>) as "
+        "medtune knows them, so no Ollama Modelfile can be written that is known to match it; run the export with "
+        "ollama=False, or add the format to medtune/export/ollama.py"
+    )
+
+
+def go_template(fmt: TurnFormat, default_system: str, system_open: str) -> str:
+    """A Go TEMPLATE over `.Messages` that renders turns like the HF template (literal text never touches a `{{-`,
+    so trimming only removes the line breaks that lay the template out)."""
+    start, role_end, end = fmt.turn_start, fmt.role_end, fmt.turn_end
+    lines = []
+    if default_system:
+        lines.append(f'{{{{- if .Messages }}}}{{{{ if ne (index .Messages 0).Role "system" }}}}{default_system}'
+                     "{{ end }}{{ end }}")
+    lines += [
+        "{{- range $i, $_ := .Messages }}",
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}",
+        f'{{{{- if eq .Role "system" }}}}{system_open}{{{{ .Content }}}}{end}{{{{ else }}}}'
+        f'{start}{{{{ .Role }}}}{role_end}{{{{ .Content }}}}'
+        f'{{{{ if or (not $last) (ne .Role "assistant") }}}}{end}{{{{ end }}}}{{{{ end }}}}',
+        f'{{{{- if and $last (ne .Role "assistant") }}}}{start}assistant{role_end}{{{{ end }}}}',
+        "{{- end }}",
+    ]
+    return "\n".join(lines)
+
+
+def chat_template_for_ollama(tokenizer: Any) -> tuple[str, dict[str, Any]]:
+    """The Go template and what was checked; raises MedtuneError when it cannot match the HF template."""
+    fmt, default_system, system_open = _detect(tokenizer)
+    template = go_template(fmt, default_system, system_open)
+    for messages in PROBES:
+        expected = _hf_render(tokenizer, messages)
+        got = gotemplate.render(template, ollama_values(messages))
+        if got != expected:
+            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            raise MedtuneError(
+                f"export: the Ollama TEMPLATE medtune built for this {fmt.name} chat template renders a "
+                f"{len(messages)}-message conversation differently from the HF template at character {at} "
+                f"(HF {expected[at:at + 40]!r}, Go {got[at:at + 40]!r}); the Modelfile was not written"
+            )
+    padded = [{"role": "user", "content": "  padded text \n"}]
+    checked = {"format": fmt.name, "probe_conversations": len(PROBES),
+               "default_system_prompt": bool(default_system),
+               "padded_text_matches": gotemplate.render(template, ollama_values(padded)) ==
+               _hf_render(tokenizer, padded)}
+    return template, checked
+
+
+def stop_tokens(tokenizer: Any, fmt_name: str) -> list[str]:
+    """Every end-of-turn token, plus the token that opens a new turn (a model that starts one is done)."""
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    opener = next(f.turn_start for f in FORMATS if f.name == fmt_name)
+    return list(dict.fromkeys([*tokens, opener]))
+
+
+def modelfile(tokenizer: Any, gguf_file: str, name: str, temperature: float = TEMPERATURE,
+              top_p: float = TOP_P) -> tuple[str, dict[str, Any]]:
+    """The Modelfile text and a record of its checks (for the manifest)."""
+    template, checked = chat_template_for_ollama(tokenizer)
+    if '"""' in template:
+        raise MedtuneError('export: the chat template contains """, which a Modelfile TEMPLATE cannot hold')
+    stops = stop_tokens(tokenizer, checked["format"])
+    notes = []
+    today = datetime.date.today()
+    if any(today.strftime(f) in template for f in ("%d %b %Y", "%d %B %Y", "%Y-%m-%d")):
+        notes.append(f"# The HF template writes today's date; a Go template cannot, so it is fixed at the export date "
+                     f"({today.isoformat()}).")
+    if not checked["padded_text_matches"]:
+        notes.append("# The HF template trims message text; this one does not (same result for trimmed text).")
+    lines = [
+        f"# Ollama Modelfile for {name}, written by medtune {__version__}.",
+        f"# Create and run: ollama create {name} -f Modelfile && ollama run {name}",
+        "# The TEMPLATE was checked against the model's HF chat template on "
+        f"{checked['probe_conversations']} conversations.",
+        *notes,
+        f"FROM ./{gguf_file}",
+        f'TEMPLATE """{template}"""',
+        *(f'PARAMETER stop "{token}"' for token in stops),
+        f"PARAMETER temperature {temperature}",
+        f"PARAMETER top_p {top_p}",
+        "",
+    ]
+    checked["stop"] = stops
+    checked["from"] = gguf_file
+    return "\n".join(lines), checked
+
+
+def template_of(modelfile_text: str) -> str:
+    """The TEMPLATE of a Modelfile (what `ollama create` reads)."""
+    head, sep, rest = modelfile_text.partition('TEMPLATE """')
+    template, sep2, _ = rest.partition('"""')
+    if not sep or not sep2:
+        raise MedtuneError('Modelfile: no TEMPLATE """...""" block')
+    return template
