@@ -44,6 +44,7 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
     evaluation = run_dir.manifest("eval")
     if evaluation:
         console.print(f"\n[bold]Evaluation[/] ({run_dir / 'eval' / 'results.md'})")
-        console.print((run_dir / "eval" / "results.md").read_text(encoding="utf-8").split("\n\n")[0],
-                      markup=False, highlight=False)
+        text = (run_dir / "eval" / "results.md").read_text(encoding="utf-8")
+        comparison = text.split("## Comparison", 1)[-1].split("## Details", 1)[0].strip()
+        console.print(comparison, markup=False, highlight=False)
     console.print(f"\n[dim italic]{DISCLAIMER}[/]")
