@@ -1,3 +1,5 @@
+import pytest
+
 from medtune.data.formatting import ChatFormatter, final_answer
 
 REPLY = "1. Scurvy is vitamin C deficiency.\nSummary: vitamin C.\nThe answer is C."
@@ -33,3 +35,51 @@ def test_final_answer():
     assert final_answer(REPLY) == "C"
     assert final_answer("the answer is (b) and later The answer is D.") == "D"
     assert final_answer("no letter here") is None
+
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: 26 Jul 2024\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(smollm2_dir):
+    """SmolLM2's BPE with Llama 3's special tokens and a Llama-3.2-style template (date lines in a system turn)."""
+    from transformers import AutoTokenizer
+
+    from medtune.models import ensure_pad_token
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>",
+                                                          "<|finetune_right_pad_id|>"]})
+    tok.bos_token = "<|begin_of_text|>"
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.pad_token = None  # as Llama 3.2's tokenizer ships
+    ensure_pad_token(tok)
+    return tok
+
+
+def test_llama3_style_template_masks_reply_and_eot_only(llama3_style_tokenizer):
+    tok = llama3_style_tokenizer
+    fmt = ChatFormatter(tok)
+    assert fmt.eot == "<|eot_id|>"
+    assert tok.pad_token == "<|finetune_right_pad_id|>"
+    enc = fmt.encode(MESSAGES)
+    labelled = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+    assert tok.decode(labelled) == REPLY + "<|eot_id|>"
+    first = enc.loss_mask.index(1)
+    prompt = tok.decode(enc.input_ids[:first])
+    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date")
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert enc.input_ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>") and enc.loss_mask[-1] == 1
