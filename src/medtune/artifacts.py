@@ -91,14 +91,18 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.root / name
 
-    def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.root / stage / MANIFEST
+    def read_json(self, stage: str, name: str) -> dict[str, Any] | None:
+        """A JSON file of a stage's folder, or None when it is missing or unreadable."""
+        path = self.root / stage / name
         if not path.is_file():
             return None
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        return self.read_json(stage, MANIFEST)
 
     def require(self, stage: str, hint: str) -> Path:
         """The folder of a finished upstream stage, or a clear error saying which command makes it."""

@@ -7,7 +7,6 @@ possibly stale table.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,6 @@ LLAMA_3_2_LICENSE = (
 )
 REASONMED_TERMS = ("ReasonMed (`lingshu-medical-mllm/ReasonMed`) is released under the **Apache-2.0** licence; its "
                    "questions come from MedQA, MedMCQA, PubMedQA and MMLU, which have their own terms.")
-
-
-def _report(run_dir: RunDir, stage: str, name: str) -> dict[str, Any] | None:
-    path = run_dir / stage / name
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _base_licence(base: str) -> str:
@@ -72,8 +61,8 @@ def _file_rows(results: dict[str, Any]) -> list[str]:
 
 def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any]) -> str:
     """README.md text for the export folder; `results` are the export's checks (the manifest's results)."""
-    data = _report(run_dir, "prepared", "report.json")
-    train = _report(run_dir, "adapter", "train_report.json")
+    data = run_dir.read_json("prepared", "report.json")
+    train = run_dir.read_json("adapter", "train_report.json")
     merge = (run_dir.manifest("merged") or {}).get("results")
     t = cfg.train
     lines = [
