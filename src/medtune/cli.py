@@ -68,9 +68,10 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
                     run_stage(BY_NAME[name], cfg, run_dir, ui)
             else:
                 run_all(cfg, run_dir, ui, force=force)
-        from medtune.summary import print_summary
+        if os.environ.get("RANK", "0") == "0":  # one summary for a multi-GPU launch
+            from medtune.summary import print_summary
 
-        print_summary(cfg, run_dir, console)
+            print_summary(cfg, run_dir, console)
     except MedtuneError as exc:
         _fail(exc)
     except KeyboardInterrupt:
