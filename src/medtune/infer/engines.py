@@ -115,33 +115,14 @@ class LlamaCppEngine(Engine):
 
 class HFEngine(Engine):
     def __init__(self, path: str | Path, device: str | None = None, seed: int = 0) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from medtune.models import end_of_turn_ids, load_hf
 
         path = Path(path)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
-            base = model.peft_config["default"].base_model_name_or_path
-            self.tokenizer = AutoTokenizer.from_pretrained(base)
-        elif (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        else:
+        if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             raise MedtuneError(f"{path}: neither an HF model directory (config.json) nor a PEFT adapter")
-        self.model = model.to(device).eval()
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-            eos = generation.eos_token_id
-        except OSError:
-            from medtune.models import stop_token_ids
-
-            eos = stop_token_ids(self.tokenizer)
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.n_ctx = getattr(model.config, "max_position_embeddings", 4096)
+        self.model, self.tokenizer = load_hf(path, device=device)
+        self.eos_ids = set(end_of_turn_ids(self.model, self.tokenizer))
+        self.n_ctx = getattr(self.model.config, "max_position_embeddings", 4096)
         self.seed = seed
 
     def stream(self, messages: Messages, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:
