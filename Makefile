@@ -9,7 +9,8 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 # llama.cpp for any x86-64 CPU: a native (-march=native) build crashed on every quantized GGUF on AVX-512 CPUs.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-LLAMA_CPP_VERSION := 0.3.36
+# The pin lives in pyproject.toml; installing it here first is what applies LLAMA_CMAKE_ARGS to it.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
 .PHONY: install demo test lint clean
 

@@ -8,17 +8,16 @@ end-of-turn token, character for character.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from medtune.errors import MedtuneError
+from medtune.evaluate.extract import EXPLICIT
 from medtune.models import end_of_turn_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ANSWER_RE = re.compile(r"answer is:?\s*\(?([A-J])\b\)?", re.IGNORECASE)
 
 
 @dataclass
@@ -103,5 +102,5 @@ class ChatFormatter:
 
 def final_answer(text: str) -> str | None:
     """The letter of the last "The answer is X" in a reply, if any."""
-    matches = ANSWER_RE.findall(text)
+    matches = EXPLICIT.findall(text)
     return matches[-1].upper() if matches else None
