@@ -102,11 +102,11 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_config, tmp_path, 
     calls = {"n": 0}
 
     def poisoned(model, batch):
-        loss, n = real(model, batch)
+        loss = real(model, batch)
         calls["n"] += model.training
         if model.training and calls["n"] > 2 * 4:  # 2 micro-batches a step: NaN from step 5 on
             loss = loss * torch.tensor(float("nan"))
-        return loss, n
+        return loss
 
     monkeypatch.setattr(stage, "token_loss_sum", poisoned)
     expected = "loss is nan at step 5; stopped. The last good checkpoint is .*step-00000003"
@@ -127,12 +127,13 @@ def test_dry_run_plans_without_training(tiny_config, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path):
-    """DDP through torchrun (gloo on CPU): the same micro-batches per step give the same losses."""
-    curves = {}
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path, strategy):
+    """torchrun (gloo on CPU), replicated or sharded base: the same micro-batches per step give the same losses."""
+    curves, weights = {}, {}
     for procs, accum in ((1, 2), (2, 1)):
         cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=4, grad_accum=accum,
-                        lora={"dropout": 0.0}, eval_steps=None)
+                        lora={"dropout": 0.0}, eval_steps=None, strategy=strategy)
         assert medtune("data", str(cfg)).wait() == 0
         proc = medtune("train", str(cfg), "--gpus", str(procs))
         out, err = proc.communicate()
@@ -140,5 +141,11 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path)
         curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
         report = json.loads((tmp_path / f"run{procs}" / "adapter" / "train_report.json").read_text())
         assert report["world_size"] == procs
+        weights[procs] = report["weights_gib_per_process"]
+    assert report["strategy"] == strategy
+    if strategy == "fsdp":  # the base is split over the two processes (LoRA, a sliver, is whole on each)
+        assert weights[2] < 0.6 * weights[1]
+    else:
+        assert weights[2] == weights[1]
     assert len(curves[1]) == 4
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)

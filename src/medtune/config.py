@@ -88,6 +88,8 @@ class TrainConfig(Section):
     checkpoint_steps: int = Field(100, gt=0)  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = Field(2, gt=0)  # the newest K are kept
     qlora: bool = False  # 4-bit base through bitsandbytes (GPU only)
+    # several GPUs (--gpus N): ddp keeps the whole base on every GPU; fsdp shards it (bases too large for one card)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
     threads: int | None = Field(None, gt=0)
 

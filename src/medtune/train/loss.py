@@ -1,12 +1,19 @@
 """The training loss: cross-entropy summed over the labelled (reply) tokens only.
 
 The 128k-token vocabulary of Llama 3 makes the logits the largest tensor of a step. They are formed only at the
-positions that carry a label (the replies; prompts and padding are about a third of the tokens), in chunks whose
-logits are recomputed in the backward pass instead of kept, so their memory stays one chunk's.
+positions that carry a label (the replies; prompts and padding are about a third of the tokens), whose flat indices
+the collate step computes on the CPU, so selecting them never waits for the GPU.
+
+The head and the loss run chunk by chunk. With a frozen head (the usual LoRA case) each chunk's gradient with
+respect to the hidden states is formed in the forward pass, right after its logits (as Liger's fused linear
+cross-entropy does): the logits are computed once instead of again in the backward pass, and only one chunk's
+logits are ever alive. On a GPU the softmax-minus-one-hot step is one compiled kernel pair reading bf16 logits.
+A head that is trained (LoRA on a tied lm_head) takes the plain path: checkpointed chunks, recomputed in backward.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,29 +22,81 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
+def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of a chunk and its gradient with respect to the logits (in the logits' dtype)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    probs = torch.exp(x - lse)
+    hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, torch.where(hit, probs - 1.0, probs).to(logits.dtype)
+
+
+@functools.cache
+def _compiled_ce_and_grad() -> Any:
+    return torch.compile(_ce_and_grad, dynamic=True)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, targets) for a frozen weight; d/d(hidden) is computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        ce = _compiled_ce_and_grad() if hidden.is_cuda else _ce_and_grad
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            logits = hidden[start : start + chunk] @ weight.t()  # autocast picks the matmul dtype
+            loss, grad = ce(logits, targets[start : start + chunk])
+            total += loss
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = grad @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the labelled positions of a (rows, width) label tensor, and their targets (CPU work)."""
+    flat = labels.reshape(-1)
+    index = (flat != IGNORE).nonzero().squeeze(1)
+    return index, flat[index]
+
+
 class CausalLMLoss(torch.nn.Module):
-    """Wraps a (PEFT) causal LM; `forward` returns the summed loss, so DDP can wrap this module as a whole."""
+    """Wraps a (PEFT) causal LM; `forward` returns the loss summed over the labelled tokens.
+
+    One module for the whole computation, so a data-parallel or sharding wrapper can take it as its root.
+    """
 
     def __init__(self, model: Any, chunk_tokens: int = 4096) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, label_index: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # use_cache=False: with a cache transformers would not derive the per-example mask from position ids.
         hidden = causal.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        keep = labels != IGNORE
-        hidden, labels = hidden[keep], labels[keep]
+        hidden = hidden.flatten(0, 1).index_select(0, label_index)
+        head = causal.lm_head
+        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+            return _FusedLinearCrossEntropy.apply(hidden, head.weight, targets, self.chunk_tokens)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, labels.numel(), self.chunk_tokens):
-            h, y = hidden[start : start + self.chunk_tokens], labels[start : start + self.chunk_tokens]
+        for start in range(0, targets.numel(), self.chunk_tokens):
+            h, y = hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens]
             if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, causal.lm_head, h, y, use_reentrant=False)
+                total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
             else:
-                total = total + _chunk_loss(causal.lm_head, h, y)
+                total = total + _chunk_loss(head, h, y)
         return total

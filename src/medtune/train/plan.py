@@ -16,7 +16,7 @@ TIMED_STEPS = 2
 def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: int, window: int, pad_id: int,
                  device: torch.device, precision: str, autocast: Any, scaler: Any, optimizer: Any) -> dict[str, Any]:
     """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept)."""
-    from medtune.train.stage import IGNORE, collate, token_loss_sum
+    from medtune.train.stage import collate, counts, to_device, token_loss_sum
 
     tc = cfg.train
     real_tokens = sum(len(ids) for row in rows for ids, _ in row)
@@ -30,12 +30,12 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
         tokens = 0
         for k in range(window):
             at = ((step * window + k) * tc.batch_size) % max(1, len(rows))
-            batch = collate([rows[order[(at + j) % len(rows)]] for j in range(tc.batch_size)], pad_id)
-            n = max(1, int((batch["labels"] != IGNORE).sum()))
-            tokens += int(batch["real_tokens"])
-            batch = {key: v.to(device) for key, v in batch.items()}
+            micro = [rows[order[(at + j) % len(rows)]] for j in range(tc.batch_size)]
+            batch = collate(micro, pad_id)
+            n = max(1, batch["targets"].numel())
+            tokens += counts(micro)[0]
             with autocast():
-                loss, _ = token_loss_sum(net, batch)
+                loss = token_loss_sum(net, to_device(batch, device))
             scaler.scale(loss / n).backward()
         optimizer.zero_grad(set_to_none=True)  # measured, not applied: the weights stay as loaded
         if device.type == "cuda":

@@ -11,9 +11,7 @@ Output folder `adapter/`: the PEFT adapter (adapter_model.safetensors, adapter_c
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,8 +26,10 @@ from medtune.data.prepare import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
 from medtune.train import checkpoint
-from medtune.train.loss import IGNORE, CausalLMLoss
+from medtune.train.loss import IGNORE, CausalLMLoss, label_positions
 from medtune.train.observe import MetricsLog, plot, read_metrics
+from medtune.train.optim import Adafactor
+from medtune.train.parallel import Distributed, shard
 from medtune.ui import UI
 
 
@@ -78,14 +78,31 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
         positions[i, at:] = torch.arange(width - at)
     # Causal LM: position t predicts token t+1, so the label of a reply token sits one step to the left.
     labels = torch.cat([labels[:, 1:], torch.full((len(rows), 1), IGNORE)], dim=1)
-    real = sum(len(ids) for row in rows for ids, _ in row)
-    return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "real_tokens": torch.tensor(real)}
+    label_index, targets = label_positions(labels)
+    return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "label_index": label_index,
+            "targets": targets}
 
 
-def token_loss_sum(loss_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's labelled tokens, and their number."""
-    loss = loss_model(batch["input_ids"], batch["position_ids"], batch["labels"])
-    return loss, int((batch["labels"] != IGNORE).sum())
+def counts(rows: list[list[Example]]) -> tuple[int, int]:
+    """(real tokens, labelled tokens) of a micro-batch, without collating it: what `collate` would produce."""
+    real = labelled = 0
+    for row in rows:
+        real += sum(len(ids) for ids, _ in row)
+        # the label of position t is token t+1: a row's first token is never a target
+        labelled += sum(int(np.count_nonzero(mask)) for _, mask in row) - int(bool(row[0][1][0]))
+    return real, labelled
+
+
+LOSS_INPUTS = ("input_ids", "position_ids", "label_index", "targets")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: batch[key].to(device, non_blocking=True) for key in LOSS_INPUTS}
+
+
+def token_loss_sum(loss_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss over the batch's labelled tokens (batch already on the device)."""
+    return loss_model(*(batch[key] for key in LOSS_INPUTS))
 
 
 @torch.no_grad()
@@ -95,21 +112,18 @@ def evaluate_loss(model, rows: list[list[Example]], batch_size: int, pad_id: int
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+        batch = collate(rows[i : i + batch_size], pad_id)
         with autocast():
-            loss, n = token_loss_sum(model, batch)
-        total, count = total + float(loss), count + n
+            loss = token_loss_sum(model, to_device(batch, device))
+        total, count = total + float(loss), count + batch["targets"].numel()
     model.train()
     return total / max(1, count)
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        # What transformers' Trainer builds for optim="adafactor": a fixed external learning rate.
-        return Adafactor(params, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=cfg.train.weight_decay)
+        # What transformers' Trainer builds for optim="adafactor" (a fixed external learning rate), batched.
+        return Adafactor(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -156,29 +170,28 @@ def resume_key(cfg: Config, run_dir: RunDir) -> str:
                         "data": (run_dir.manifest("prepared") or {}).get("fingerprint")})
 
 
-class Distributed:
-    """The process's place in a torchrun launch (world 1 when launched alone)."""
+class StepStats:
+    """One optimizer step's numbers. Loss and gradient norm are copied to the host without waiting; `read` waits
+    for that copy only, by when the GPU has long moved on to the next step."""
 
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend)
+    def __init__(self, step: int, epoch: int, lr: float, tokens: int, loss: torch.Tensor, grad_norm: torch.Tensor):
+        self.step, self.epoch, self.lr, self.tokens = step, epoch, lr, tokens
+        self.val_loss: float | None = None
+        values = torch.stack([loss.float(), grad_norm.float()])
+        self.event = None
+        if values.is_cuda:
+            self.host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def total(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(t)
-        return float(t.item())
+    def read(self) -> tuple[float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, grad_norm = self.host.tolist()
+        return loss, grad_norm
 
 
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) -> dict[str, Any]:
@@ -206,7 +219,13 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
     val_rows = [[e] for e in load_split(prepared, "val")]
 
-    model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui)
+    if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
+        raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
+                           "to false, or use strategy ddp")
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
+    sharded = tc.strategy == "fsdp" and dist.world > 1
+    model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
+                                              tc.attention), cfg, ui)
     if tc.compile:
         # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
         # of labelled positions has a data-dependent shape and stays outside the compiled graph.
@@ -216,10 +235,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     loss_model = CausalLMLoss(model)
-    net = loss_model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index]
-                                                        if device.type == "cuda" else None)
+    if sharded:
+        shard(loss_model, params, device, dist.world)
+    # what this process holds (a sharded parameter's local part)
+    weights_gib = round(sum(getattr(p, "_local_tensor", p).nbytes for p in model.parameters()) / 2**30, 4)
+    torch.manual_seed(cfg.seed + dist.rank)  # LoRA dropout draws differ between processes
 
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
@@ -248,8 +268,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     if dry_run:
         from medtune.train.plan import dry_run_plan
 
-        return dry_run_plan(cfg, net, params, train_rows, total_steps, window, pad_id, device, precision, autocast,
-                            scaler, optimizer)
+        return dry_run_plan(cfg, loss_model, params, train_rows, total_steps, window, pad_id, device, precision,
+                            autocast, scaler, optimizer)
 
     ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
     start_step = 0
@@ -257,6 +277,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     if found is not None:
         start_step = checkpoint.load(found, model, optimizer, scheduler, scaler)
         ui.log(f"train: resuming from {found} (step {start_step} of {total_steps})")
+    else:
+        dist.broadcast_(params)  # identical already; made certain, as DDP would
     if dist.main:
         log = MetricsLog(ckpt_root / "metrics.jsonl", ckpt_root / "tensorboard" if tc.tensorboard else None,
                          resume_step=start_step)
@@ -266,68 +288,84 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
             log.write({"step": 0, "val_loss": val_before})
     else:  # measured before the first step, by the run being resumed
         val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0), None)
+
     def windows():
-        """This process's micro-batches of each optimizer step, collated (CPU work)."""
+        """Each optimizer step: its epoch, labelled and real tokens over all processes, and this process's
+        micro-batches, collated (CPU work)."""
         batches = micro_batches(skip=start_step * window)
         while True:
             group = [next(batches) for _ in range(window)]
-            yield group[-1][0], [collate(rows, pad_id) for _, rows in group[dist.rank :: dist.world]]
+            real, labelled = map(sum, zip(*(counts(rows) for _, rows in group)))
+            yield group[-1][0], labelled, real, [collate(rows, pad_id) for _, rows in group[dist.rank :: dist.world]]
 
     upcoming = windows()
-    epoch, collated = next(upcoming)
+    current = next(upcoming)
     start = time.perf_counter()
     seen_tokens = 0
     last: dict[str, Any] = {}
+    pending: StepStats | None = None
     task = ui.task("train", total=total_steps)
     ui.update(task, completed=start_step)
-    for step in range(start_step, total_steps):
-        n_target = dist.total(sum(int((b["labels"] != IGNORE).sum()) for b in collated))
-        loss_sum = torch.zeros((), device=device)
-        for k, batch in enumerate(collated):
-            batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
-            sync = contextlib.nullcontext() if dist.world == 1 or k == len(collated) - 1 else net.no_sync()
-            with sync:
-                with autocast():
-                    loss, _ = token_loss_sum(net, batch)
-                # DDP averages gradients over processes; scaling by the world size makes the result the mean
-                # over every trained token of the global batch.
-                scaler.scale(loss * dist.world / n_target).backward()
-            loss_sum += loss.detach()
-            seen_tokens += int(batch["real_tokens"])
-        # Collate the next step while the device works through this one; the first read of a result below waits.
-        next_epoch, next_collated = next(upcoming) if step + 1 < total_steps else (epoch, [])
-        loss_value = dist.total(float(loss_sum)) / n_target
+
+    def finish(stats: StepStats) -> dict[str, Any]:
+        """The host's side of a finished step: check the loss, log, show progress."""
+        loss_value, grad_norm = stats.read()
         if not math.isfinite(loss_value):
             kept = checkpoint.latest(ckpt_root)
-            raise MedtuneError(f"train: loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
+            raise MedtuneError(f"train: loss is {loss_value} at step {stats.step}; stopped. The last good checkpoint "
                                f"is {kept or '(none yet)'}; lower train.lr or check the data, then run again")
+        elapsed = time.perf_counter() - start
+        record = {"step": stats.step, "epoch": stats.epoch, "loss": round(loss_value, 5), "lr": stats.lr,
+                  "grad_norm": round(grad_norm, 4), "tokens": stats.tokens,
+                  "tokens_per_s": round(stats.tokens / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+        if stats.val_loss is not None:
+            record["val_loss"] = stats.val_loss
+        if dist.main and (stats.step % tc.logging_steps == 0 or stats.step == total_steps or "val_loss" in record):
+            log.write(record)
+        ui.update(task, completed=stats.step, description=f"train loss {loss_value:.3f} lr {stats.lr:.2e} "
+                  f"{record['tokens_per_s']:,.0f} tok/s")
+        return record
+
+    for step in range(start_step, total_steps):
+        epoch, n_target, step_tokens, collated = current
+        loss_sum = torch.zeros((), device=device)
+        for batch in collated:
+            with autocast():
+                loss = token_loss_sum(loss_model, to_device(batch, device))
+            scaler.scale(loss / n_target).backward()  # summed over processes: the mean over the global batch
+            loss_sum += loss.detach()
+        dist.reduce_grads(params)
+        dist.sum_(loss_sum)
+        # Collate the next step while the device works through this one, then read the previous step's numbers
+        # (finished by now): the host never waits for the GPU inside a step.
+        current = next(upcoming) if step + 1 < total_steps else current
+        if pending is not None:
+            last, pending = finish(pending), None
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        elapsed = time.perf_counter() - start
-        all_tokens = dist.total(seen_tokens)
-        tokens_per_s = all_tokens / elapsed
-        last = {"step": step + 1, "epoch": epoch, "loss": round(loss_value, 5), "lr": lr,
-                "grad_norm": round(grad_norm, 4), "tokens": int(all_tokens), "tokens_per_s": round(tokens_per_s, 1),
-                "elapsed_s": round(elapsed, 2)}
+        seen_tokens += step_tokens
+        stats = StepStats(step + 1, epoch, lr, seen_tokens, loss_sum / n_target, grad_norm)
         done = step + 1 == total_steps
+        save = (step + 1) % tc.checkpoint_steps == 0 or done
         if tc.eval_steps and (step + 1) % tc.eval_steps == 0 and not done:
-            last["val_loss"] = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
-        if dist.main and ((step + 1) % tc.logging_steps == 0 or done or "val_loss" in last):
-            log.write(last)
-        if dist.main and ((step + 1) % tc.checkpoint_steps == 0 or done):
+            stats.val_loss = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
+        if save or stats.val_loss is not None:  # checked before anything is written
+            last = finish(stats)
+        else:
+            pending = stats
+        if dist.main and save:
             checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints)
-        ui.update(task, completed=step + 1,
-                  description=f"train loss {loss_value:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
-        epoch, collated = next_epoch, next_collated
 
     val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
     report = {
-        "device": str(device), "precision": precision, "world_size": dist.world, "steps": total_steps,
+        "device": str(device), "precision": precision, "world_size": dist.world,
+        "strategy": tc.strategy if dist.world > 1 else None, "steps": total_steps,
+        "weights_gib_per_process": weights_gib,
         "resumed_from_step": start_step, "trainable_params": n_trainable, "train_rows": len(train_rows),
         "packed": packs is not None, "final_loss": last.get("loss"), "val_loss_before": val_before,
         "val_loss_after": val_after, "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"),

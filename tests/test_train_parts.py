@@ -1,0 +1,107 @@
+"""The training loop's parts: the fused loss, batch counts, the batched Adafactor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.train.loss import IGNORE, CausalLMLoss, label_positions
+from medtune.train.optim import Adafactor
+from medtune.train.stage import collate, counts
+
+
+def tiny_lora(tie: bool = True, on_head: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config)
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if on_head else [])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def random_rows(rng: np.random.Generator, n_rows: int, first_labelled: bool = False):
+    rows = []
+    for _ in range(n_rows):
+        row = []
+        for _ in range(rng.integers(1, 4)):
+            n = int(rng.integers(5, 30))
+            mask = (rng.random(n) < 0.6).astype(np.uint8)
+            mask[0] = first_labelled
+            row.append((rng.integers(0, 300, n).astype(np.int32), mask))
+        rows.append(row)
+    return rows
+
+
+def reference_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+
+
+@pytest.mark.parametrize("on_head", [False, True], ids=["frozen-head-fused", "trained-head-chunked"])
+def test_loss_and_gradients_equal_plain_cross_entropy(on_head):
+    """The fused path (gradient formed in forward, small chunks) and the checkpointed path both equal full logits."""
+    model = tiny_lora(on_head=on_head)
+    assert (type(model.get_base_model().lm_head) is torch.nn.Linear) != on_head  # which path is under test
+    batch = collate(random_rows(np.random.default_rng(0), 3), pad_id=0)
+    inputs = [batch[k] for k in ("input_ids", "position_ids", "label_index", "targets")]
+    loss = CausalLMLoss(model, chunk_tokens=7)(*inputs)  # several chunks and a ragged last one
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    expected = reference_loss(model, batch)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert ours and any(n for n in ours if "lora_A" in n)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(CausalLMLoss(model, chunk_tokens=5)(*inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_counts_match_collate():
+    rng = np.random.default_rng(1)
+    for first in (False, True):
+        rows = random_rows(rng, 4, first_labelled=first)
+        batch = collate(rows, pad_id=0)
+        real, labelled = counts(rows)
+        assert labelled == int((batch["labels"] != IGNORE).sum()) == batch["targets"].numel()
+        assert real == sum(len(ids) for row in rows for ids, _ in row)
+        index, targets = label_positions(batch["labels"])
+        assert torch.equal(batch["input_ids"].flatten()[index + 1], targets)  # label of t is token t+1
+
+
+def test_adafactor_matches_transformers():
+    """The seed's optimizer (transformers' Adafactor with a fixed lr), batched per shape: same updates, same state."""
+    from transformers.optimization import Adafactor as Reference
+
+    torch.manual_seed(0)
+    shapes = [(8, 64), (64, 8), (16, 8), (8, 64), (64, 8), (16, 8), (32,), (32,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = Adafactor(ours, lr=1e-2, weight_decay=0.01)
+    ref = Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+                    weight_decay=0.01)
+    for step in range(12):
+        grads = [torch.randn(s) * (1 + step) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # A checkpoint of transformers' optimizer continues here, and ours there.
+    moved = Adafactor(ours, lr=1e-2, weight_decay=0.01)
+    moved.load_state_dict(ref.state_dict())
+    assert moved.state[ours[0]]["step"] == 12
+    torch.testing.assert_close(moved.state[ours[0]]["exp_avg_sq_row"], ref.state[theirs[0]]["exp_avg_sq_row"])
+    Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False).load_state_dict(opt.state_dict())
