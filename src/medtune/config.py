@@ -80,8 +80,9 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: the model's default (sdpa); flex_attention runs packed rows block-sparse (see BENCHMARKS.md)
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    # auto: the model's default (sdpa); flex_attention runs packed rows block-sparse; varlen: PyTorch's
+    # FlashAttention over the examples of packed rows (CUDA) — see BENCHMARKS.md
+    attention: Literal["auto", "sdpa", "flex_attention", "varlen", "eager"] = "auto"
     compile: bool = False  # torch.compile the decoder (GPU; packed rows give it fixed shapes)
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps (and always at start and end)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from medtune.train.attention import NAME as VARLEN
+
 IGNORE = -100
 
 
@@ -58,7 +60,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+        return (grad_hidden.float() * grad_output).to(grad_hidden.dtype), None, None, None
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,19 +80,23 @@ class CausalLMLoss(torch.nn.Module):
     One module for the whole computation, so a data-parallel or sharding wrapper can take it as its root.
     """
 
-    def __init__(self, model: Any, chunk_tokens: int = 4096) -> None:
+    def __init__(self, model: Any, chunk_tokens: int = 4096, fused_head: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.fused_head = fused_head
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, label_index: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        extra = {"cu_seq_lens": cu_seq_lens} if causal.config._attn_implementation == VARLEN else {}
         # use_cache=False: with a cache transformers would not derive the per-example mask from position ids.
-        hidden = causal.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden.flatten(0, 1).index_select(0, label_index)
-        head = causal.lm_head
-        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        hidden = causal.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              **extra).last_hidden_state
+        return self.head_loss(causal.lm_head, hidden.flatten(0, 1).index_select(0, label_index), targets)
+
+    def head_loss(self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.fused_head and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
             return _FusedLinearCrossEntropy.apply(hidden, head.weight, targets, self.chunk_tokens)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.chunk_tokens):

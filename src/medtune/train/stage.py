@@ -26,6 +26,7 @@ from medtune.data.prepare import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
 from medtune.train import checkpoint
+from medtune.train.attention import cu_seq_lens
 from medtune.train.loss import IGNORE, CausalLMLoss, label_positions
 from medtune.train.observe import MetricsLog, plot, read_metrics
 from medtune.train.optim import Adafactor
@@ -55,14 +56,16 @@ def pick_precision(choice: str, device: torch.device) -> str:
 Example = tuple[np.ndarray, np.ndarray]  # (token ids, loss mask)
 
 
-def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[list[Example]], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """One row per list of examples (one example, or several packed), padded to the longest row.
 
     Position ids restart at every example and at the padding, and no attention mask is passed: transformers then
     keeps attention inside each example (block-diagonal causal mask; variable-length with flash attention).
     Labels are -100 on prompt and padding, so only reply tokens and their end-of-turn token carry loss.
+    `width`: pad to at least this many columns (packed rows: the packing length, so every batch has one shape and
+    a compiled model compiles once).
     """
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    width = max(width or 0, max(sum(len(ids) for ids, _ in row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -80,7 +83,7 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.cat([labels[:, 1:], torch.full((len(rows), 1), IGNORE)], dim=1)
     label_index, targets = label_positions(labels)
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "label_index": label_index,
-            "targets": targets}
+            "targets": targets, "cu_seq_lens": cu_seq_lens(positions)}
 
 
 def counts(rows: list[list[Example]]) -> tuple[int, int]:
@@ -93,7 +96,7 @@ def counts(rows: list[list[Example]]) -> tuple[int, int]:
     return real, labelled
 
 
-LOSS_INPUTS = ("input_ids", "position_ids", "label_index", "targets")
+LOSS_INPUTS = ("input_ids", "position_ids", "label_index", "targets", "cu_seq_lens")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -143,6 +146,12 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
 def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
     frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
+    if attention == "varlen":
+        if device.type != "cuda":
+            raise MedtuneError("train.attention varlen needs a CUDA GPU; use attention auto on this machine")
+        from medtune.train.attention import register
+
+        register()
     if not qlora:
         return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device),
                           attention=attention)
@@ -296,8 +305,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         while True:
             group = [next(batches) for _ in range(window)]
             real, labelled = map(sum, zip(*(counts(rows) for _, rows in group)))
-            yield group[-1][0], labelled, real, [collate(rows, pad_id) for _, rows in group[dist.rank :: dist.world]]
+            yield group[-1][0], labelled, real, [collate(rows, pad_id, width)
+                                                 for _, rows in group[dist.rank :: dist.world]]
 
+    width = cfg.data.max_len if packs else None
     upcoming = windows()
     current = next(upcoming)
     start = time.perf_counter()
