@@ -2,9 +2,11 @@
 
 Builds a random-weight Llama-3.2-1B-shaped model (with the SmolLM2 tokenizer, so vocab 49152, from
 --tokenizer DIR) and a synthetic ReasonMed-like data set, prepares it with packing at max length 2048, then runs
-the real CLI twice: 1 GPU with gradient accumulation 2, and 2 GPUs with accumulation 1 (global batch 2 x 4 packed
-rows either way). Efficiency = steady tokens/s on 2 GPUs / (2 x tokens/s on 1). Writes JSON with
-`gpus`, `tokens_per_s_1`, `tokens_per_s_2`, `efficiency`, `loss_max_rel_diff`.
+the real CLI with the fast config's settings (flex attention, compiled decoder): 1 GPU with gradient accumulation
+2, and 2 GPUs with accumulation 1 (global batch 2 x 4 packed rows either way). Efficiency = steady tokens/s on 2
+GPUs / (2 x tokens/s on 1). A third run shards the base over the 2 GPUs (strategy fsdp, not compiled): same
+losses, half the weights per GPU. Writes JSON with `gpus`, `tokens_per_s_1`, `tokens_per_s_2`, `efficiency`,
+`loss_max_rel_diff`, and `fsdp`.
 
     python bench/multi_gpu.py --tokenizer DIR --out bench/results/multi_gpu.json
 """
@@ -51,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multi_gpu.json")
+    parser.add_argument("--runs", default="1,2,fsdp", help="which runs: 1 (one GPU), 2 (two, ddp), fsdp (two)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
@@ -61,17 +64,20 @@ def main() -> None:
         make_model(args.tokenizer, tmp / "model")
         synthetic_file(tmp / "data.jsonl", 3000)
         runs = {}
-        for gpus, accum in ((1, 2), (2, 1)):
+        for name, gpus, accum, strategy in (("1", 1, 2, "ddp"), ("2", 2, 1, "ddp"), ("fsdp", 2, 1, "fsdp")):
+            if name not in args.runs.split(","):
+                continue
             cfg = {
-                "name": f"multi-gpu-{gpus}", "run_dir": str(tmp / f"run{gpus}"), "seed": 0,
+                "name": f"multi-gpu-{name}", "run_dir": str(tmp / f"run{name}"), "seed": 0,
                 "base": {"model": str(tmp / "model")},
                 "data": {"path": str(tmp / "data.jsonl"), "max_len": 2048, "packing": True, "val_fraction": 0.01,
                          "contamination": "ignore"},
                 "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": accum, "lr": 2e-4, "warmup_steps": 5,
-                          "precision": "bf16", "checkpoint_steps": 1000, "tensorboard": False},
+                          "precision": "bf16", "checkpoint_steps": 1000, "tensorboard": False,
+                          "attention": "flex_attention", "compile": strategy == "ddp", "strategy": strategy},
                 "export": {"name": "x"},
             }
-            path = tmp / f"cfg{gpus}.yaml"
+            path = tmp / f"cfg{name}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                        NVSHMEM_DISABLE_NVLS="1")
@@ -79,23 +85,48 @@ def main() -> None:
                 env["CUDA_VISIBLE_DEVICES"] = "0"
             cli = [sys.executable, "-m", "medtune.cli"]
             subprocess.run([*cli, "data", str(path)], check=True, env=env, cwd=ROOT)
-            subprocess.run([*cli, "train", str(path), "--gpus", str(gpus)], check=True, env=env, cwd=ROOT)
-            metrics = [json.loads(line) for line in (tmp / f"run{gpus}" / "adapter" / "metrics.jsonl").open()]
-            runs[gpus] = {"losses": [m["loss"] for m in metrics if "loss" in m],
-                          "tokens_per_s": steady_tokens_per_s(metrics)}
-    rel = [abs(a - b) / abs(a) for a, b in zip(runs[1]["losses"], runs[2]["losses"])]
+            train = subprocess.run([*cli, "train", str(path), "--gpus", str(gpus)], env=env, cwd=ROOT,
+                                   stderr=subprocess.PIPE, text=True)
+            if train.returncode != 0:  # recorded; the other runs still go
+                runs[name] = {"error": train.stderr[-1500:]}
+                print(name, "FAILED", train.stderr[-3000:], flush=True)
+                continue
+            adapter = tmp / f"run{name}" / "adapter"
+            metrics = [json.loads(line) for line in (adapter / "metrics.jsonl").open()]
+            report = json.loads((adapter / "train_report.json").read_text())
+            runs[name] = {"losses": [m["loss"] for m in metrics if "loss" in m],
+                          "tokens_per_s": steady_tokens_per_s(metrics), "peak_gpu_memory_gib":
+                          report["peak_gpu_memory_gib"], "weights_gib_per_process": report["weights_gib_per_process"]}
+            print(name, {k: v for k, v in runs[name].items() if k != "losses"}, flush=True)
+
+    def rel(other: str) -> list[float]:  # relative to the one-GPU run
+        return [abs(a - b) / abs(a) for a, b in zip(runs["1"]["losses"], runs[other]["losses"])]
+
     result = {
         "card": torch.cuda.get_device_name(), "date": date.today().isoformat(), "gpus": 2,
         "command": " ".join(["python", *sys.argv]), "steps": STEPS, "steady_from_step": STEADY_FROM,
         "global_batch_rows": 8, "max_len": 2048,
-        "tokens_per_s_1": runs[1]["tokens_per_s"], "tokens_per_s_2": runs[2]["tokens_per_s"],
-        "efficiency": runs[2]["tokens_per_s"] / (2 * runs[1]["tokens_per_s"]),
-        "loss_max_rel_diff": max(rel), "loss_mean_rel_diff": sum(rel) / len(rel),
-        "losses_1": runs[1]["losses"], "losses_2": runs[2]["losses"],
+        "settings": "flex_attention, compiled decoder, bf16, packed 4 x 2048 rows per GPU micro-batch",
+        "runs": {name: {k: v for k, v in run.items() if k != "losses"} for name, run in runs.items()},
     }
+    ok = {name for name, run in runs.items() if "error" not in run}
+    if {"1", "2"} <= ok:
+        result |= {
+            "tokens_per_s_1": runs["1"]["tokens_per_s"], "tokens_per_s_2": runs["2"]["tokens_per_s"],
+            "efficiency": runs["2"]["tokens_per_s"] / (2 * runs["1"]["tokens_per_s"]),
+            "loss_max_rel_diff": max(rel("2")), "loss_mean_rel_diff": sum(rel("2")) / len(rel("2")),
+            "losses_1": runs["1"]["losses"], "losses_2": runs["2"]["losses"],
+        }
+    if {"1", "fsdp"} <= ok:
+        result["fsdp"] = {"settings": "strategy fsdp (FSDP2, base sharded over 2 GPUs), flex_attention, not compiled",
+                          "loss_max_rel_diff": max(rel("fsdp")), "losses": runs["fsdp"]["losses"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("losses")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("losses") and k != "fsdp"}, indent=2))
+    if "fsdp" in result:
+        print("fsdp: loss max rel diff vs 1 GPU", result["fsdp"]["loss_max_rel_diff"])
+    if ok != set(runs):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def train_command(
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Time a few steps; print tokens, steps, memory and "
                                           "the expected time; train nothing")] = False,
-    gpus: Annotated[int, typer.Option(min=1, help="Train on N GPUs of this machine (DDP through torchrun)")] = 1,
+    gpus: Annotated[int, typer.Option(min=1, help="Train on N GPUs of this machine (torchrun; train.strategy "
+                                      "ddp or fsdp)")] = 1,
 ) -> None:
     """Train the LoRA adapter on prepared/; write adapter/ with metrics, TensorBoard events and a loss plot.
 
@@ -137,6 +138,8 @@ def train_command(
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "medtune.cli",
                 "train", str(config), *[f"--set={item}" for item in set_ or []]]
+        # torch.compile's worker pools: the machine's cores shared between the N processes, not N times over
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
         os.execv(sys.executable, [sys.executable, *args])
     if not dry_run:
         _run_stages(config, set_, ["train"], force=True)

@@ -109,13 +109,14 @@ def token_loss_sum(loss_model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: list[list[Example]], batch_size: int, pad_id: int, device, autocast) -> float | None:
+def evaluate_loss(model, rows: list[list[Example]], batch_size: int, pad_id: int, device, autocast,
+                  width: int | None = None) -> float | None:
     if not rows:
         return None
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], pad_id)
+        batch = collate(rows[i : i + batch_size], pad_id, width)
         with autocast():
             loss = token_loss_sum(model, to_device(batch, device))
         total, count = total + float(loss), count + batch["targets"].numel()
@@ -226,7 +227,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     train_examples = load_split(prepared, "train")
     packs = load_packs(prepared, "train")
     train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
-    val_rows = [[e] for e in load_split(prepared, "val")]
+    val_examples = load_split(prepared, "val")
+    val_packs = load_packs(prepared, "val")
+    val_rows = [[val_examples[i] for i in p] for p in val_packs] if val_packs else [[e] for e in val_examples]
+    # packed rows are padded to the packing length: one batch shape, so a compiled model compiles once
+    width = cfg.data.max_len if packs else None
 
     if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
         raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
@@ -239,6 +244,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
         # of labelled positions has a data-dependent shape and stays outside the compiled graph.
         model.get_base_model().model.compile()
+        ui.log("train: the decoder is compiled on its first batches (one to several minutes before the first step)")
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -292,7 +298,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         log = MetricsLog(ckpt_root / "metrics.jsonl", ckpt_root / "tensorboard" if tc.tensorboard else None,
                          resume_step=start_step)
     if start_step == 0:
-        val_before = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
+        val_before = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast, width)
         if dist.main:
             log.write({"step": 0, "val_loss": val_before})
     else:  # measured before the first step, by the run being resumed
@@ -308,7 +314,6 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
             yield group[-1][0], labelled, real, [collate(rows, pad_id, width)
                                                  for _, rows in group[dist.rank :: dist.world]]
 
-    width = cfg.data.max_len if packs else None
     upcoming = windows()
     current = next(upcoming)
     start = time.perf_counter()
@@ -364,7 +369,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         done = step + 1 == total_steps
         save = (step + 1) % tc.checkpoint_steps == 0 or done
         if tc.eval_steps and (step + 1) % tc.eval_steps == 0 and not done:
-            stats.val_loss = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
+            stats.val_loss = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast, width)
         if save or stats.val_loss is not None:  # checked before anything is written
             last = finish(stats)
         else:
@@ -372,7 +377,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         if dist.main and save:
             checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints)
 
-    val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast)
+    val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast, width)
     report = {
         "device": str(device), "precision": precision, "world_size": dist.world,
         "strategy": tc.strategy if dist.world > 1 else None, "steps": total_steps,
@@ -381,6 +386,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         "packed": packs is not None, "final_loss": last.get("loss"), "val_loss_before": val_before,
         "val_loss_after": val_after, "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"),
         "threads": torch.get_num_threads(),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+        else None,
     }
     if dist.main:
         log.write({"step": total_steps, "val_loss": val_after})
