@@ -78,6 +78,16 @@ def test_counts_match_collate():
         assert real == sum(len(ids) for row in rows for ids, _ in row)
         index, targets = label_positions(batch["labels"])
         assert torch.equal(batch["input_ids"].flatten()[index + 1], targets)  # label of t is token t+1
+        # varlen attention's segments: every example, then each row's padding, in flat order
+        width = batch["input_ids"].shape[1]
+        segments = []
+        for row in rows:
+            lengths = [len(ids) for ids, _ in row]
+            segments += lengths + ([width - sum(lengths)] if sum(lengths) < width else [])
+        assert batch["cu_seq_lens"].dtype == torch.int32
+        assert torch.diff(batch["cu_seq_lens"]).tolist() == segments
+    wide = collate(random_rows(rng, 2), pad_id=0, width=200)
+    assert wide["input_ids"].shape == (2, 200)  # packed rows padded to the packing length: one shape
 
 
 def test_adafactor_matches_transformers():
@@ -105,3 +115,11 @@ def test_adafactor_matches_transformers():
     assert moved.state[ours[0]]["step"] == 12
     torch.testing.assert_close(moved.state[ours[0]]["exp_avg_sq_row"], ref.state[theirs[0]]["exp_avg_sq_row"])
     Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False).load_state_dict(opt.state_dict())
+
+
+def test_varlen_attention_needs_a_gpu(tiny_base):
+    from medtune.errors import MedtuneError
+    from medtune.train.stage import load_base_for_training
+
+    with pytest.raises(MedtuneError, match="train.attention varlen needs a CUDA GPU"):
+        load_base_for_training(str(tiny_base), "fp32", torch.device("cpu"), False, "varlen")

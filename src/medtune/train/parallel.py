@@ -29,10 +29,12 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend)
+            if torch.cuda.is_available():  # each process its own GPU, named to NCCL up front
+                device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(device)
+                torch.distributed.init_process_group("nccl", device_id=device)
+            else:
+                torch.distributed.init_process_group("gloo")
 
     @property
     def main(self) -> bool:

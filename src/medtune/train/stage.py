@@ -96,6 +96,13 @@ def counts(rows: list[list[Example]]) -> tuple[int, int]:
     return real, labelled
 
 
+def load_rows(prepared: Path, split: str) -> tuple[list[list[Example]], bool]:
+    """The rows of a prepared split (packed rows when the data stage packed it, else one example a row)."""
+    examples = load_split(prepared, split)
+    packs = load_packs(prepared, split)
+    return ([[examples[i] for i in p] for p in packs] if packs else [[e] for e in examples]), packs is not None
+
+
 LOSS_INPUTS = ("input_ids", "position_ids", "label_index", "targets", "cu_seq_lens")
 
 
@@ -224,14 +231,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     base = resolve_base(cfg.base.model, cfg.base.revision)
     tokenizer = load_tokenizer(base)
     pad_id = tokenizer.pad_token_id
-    train_examples = load_split(prepared, "train")
-    packs = load_packs(prepared, "train")
-    train_rows = [[train_examples[i] for i in p] for p in packs] if packs else [[e] for e in train_examples]
-    val_examples = load_split(prepared, "val")
-    val_packs = load_packs(prepared, "val")
-    val_rows = [[val_examples[i] for i in p] for p in val_packs] if val_packs else [[e] for e in val_examples]
+    train_rows, packed = load_rows(prepared, "train")
+    val_rows, _ = load_rows(prepared, "val")
     # packed rows are padded to the packing length: one batch shape, so a compiled model compiles once
-    width = cfg.data.max_len if packs else None
+    width = cfg.data.max_len if packed else None
 
     if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
         raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
@@ -383,7 +386,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         "strategy": tc.strategy if dist.world > 1 else None, "steps": total_steps,
         "weights_gib_per_process": weights_gib,
         "resumed_from_step": start_step, "trainable_params": n_trainable, "train_rows": len(train_rows),
-        "packed": packs is not None, "final_loss": last.get("loss"), "val_loss_before": val_before,
+        "packed": packed, "final_loss": last.get("loss"), "val_loss_before": val_before,
         "val_loss_after": val_after, "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"),
         "threads": torch.get_num_threads(),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
