@@ -154,9 +154,10 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
 def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
     frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
+    if attention in ("varlen", "flex_attention") and device.type != "cuda":
+        raise MedtuneError(f"train.attention {attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
+                           "for it); use train.attention=auto on this machine")
     if attention == "varlen":
-        if device.type != "cuda":
-            raise MedtuneError("train.attention varlen needs a CUDA GPU; use attention auto on this machine")
         from medtune.train.attention import register
 
         register()
