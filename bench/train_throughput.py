@@ -149,16 +149,9 @@ def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: in
     opt = HFAdafactor(params, lr=2e-4, scale_parameter=False, relative_step=False, warmup_init=False) \
         if optimizer == "hf" else Adafactor(params, lr=2e-4)
     batches, eff = packed_batches(examples, rows_per_batch, seed)
-    losses, tokens = [], 0
-    prof = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            if profile is not None:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
-                prof.__enter__()
+    losses = []
+
+    def one_step(step: int) -> int:
         rows = batches[step % len(batches)]
         batch = collate(rows, PAD, MAX_LEN)
         n = batch["targets"].numel()
@@ -178,19 +171,26 @@ def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: in
         losses.append(loss.detach() / n)
         if sync_each_step:
             float(losses[-1])
-        if step >= warmup:
-            tokens += counts(rows)[0]
-        if prof is not None and step == warmup + 2:
-            torch.cuda.synchronize()
-            prof.__exit__(None, None, None)
-            summarize_profile(prof, profile)
-            prof = None
+        return counts(rows)[0]
+
+    for step in range(warmup):
+        one_step(step)
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    tokens = sum(one_step(step) for step in range(warmup, warmup + steps))
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - begin
+    if profile is not None:  # after the timed steps, so the profiler's own cost is not in the number
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for step in range(warmup + steps, warmup + steps + 3):
+                one_step(step)
+            torch.cuda.synchronize()
+        summarize_profile(prof, profile)
+        del losses[warmup + steps:]
     result = {"tokens_per_s": tokens / elapsed, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
               "packing_efficiency": round(eff, 4), "losses": [float(x) for x in losses], "params": n_params(model)}
-    del model, loss_model, opt
-    return result
+    return result  # the model, optimizer and step closure go with this frame
 
 
 def summarize_profile(prof, out: Path) -> None:

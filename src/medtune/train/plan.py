@@ -14,7 +14,8 @@ TIMED_STEPS = 2
 
 
 def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: int, window: int, pad_id: int,
-                 device: torch.device, precision: str, autocast: Any, scaler: Any, optimizer: Any) -> dict[str, Any]:
+                 width: int | None, device: torch.device, precision: str, autocast: Any, scaler: Any,
+                 optimizer: Any) -> dict[str, Any]:
     """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept)."""
     from medtune.train.stage import collate, counts, to_device, token_loss_sum
 
@@ -31,7 +32,7 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
         for k in range(window):
             at = ((step * window + k) * tc.batch_size) % max(1, len(rows))
             micro = [rows[order[(at + j) % len(rows)]] for j in range(tc.batch_size)]
-            batch = collate(micro, pad_id)
+            batch = collate(micro, pad_id, width)  # the shape the run will have
             n = max(1, batch["targets"].numel())
             tokens += counts(micro)[0]
             with autocast():

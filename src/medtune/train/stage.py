@@ -287,8 +287,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     if dry_run:
         from medtune.train.plan import dry_run_plan
 
-        return dry_run_plan(cfg, loss_model, params, train_rows, total_steps, window, pad_id, device, precision,
-                            autocast, scaler, optimizer)
+        return dry_run_plan(cfg, loss_model, params, train_rows, total_steps, window, pad_id, width, device,
+                            precision, autocast, scaler, optimizer)
 
     ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
     start_step = 0
