@@ -149,3 +149,15 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
         assert weights[2] == weights[1]
     assert len(curves[1]) == 4
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_a_failing_process_of_a_multi_process_run_is_one_clear_error(tiny_config, tmp_path):
+    """Both processes stop on a config this machine can't run; the launcher adds one line, no traceback."""
+    cfg = configure(tiny_config, tmp_path / "run", max_steps=2, attention="flex_attention")
+    assert medtune("data", str(cfg)).wait() == 0
+    proc = medtune("train", str(cfg), "--gpus", "2")
+    out, err = proc.communicate()
+    assert proc.returncode == 2, err[-2000:]
+    assert "train.attention flex_attention trains on a CUDA GPU only" in err
+    assert "of 2 stopped (exit code 2)" in err
+    assert "Traceback" not in err + out

@@ -122,6 +122,31 @@ def data_command(
     raise typer.Exit(0 if report["rejected"] == 0 else 1)
 
 
+def _launch(processes: int, args: list[str]) -> None:
+    """Run `python ARGS` as N processes of one machine (what `torchrun --standalone` does). A process that fails has
+    printed its own message; this adds one line and the exit code, not the launcher's traceback."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own notes are not for users
+    share = str(max(1, (os.cpu_count() or 1) // processes))
+    os.environ.setdefault("OMP_NUM_THREADS", share)  # the machine's cores shared between the processes
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)  # torch.compile's worker pools likewise
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={}, max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        err_console.print(f"[bold red]error:[/] train: process {rank} of {processes} stopped (exit code "
+                          f"{failure.exitcode}); its message is above", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
+
+
 @app.command("train")
 def train_command(
     config: ConfigArg,
@@ -136,11 +161,8 @@ def train_command(
     A run directory with checkpoints of the same config resumes from the newest one.
     """
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "medtune.cli",
-                "train", str(config), *[f"--set={item}" for item in set_ or []]]
-        # torch.compile's worker pools: the machine's cores shared between the N processes, not N times over
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
-        os.execv(sys.executable, [sys.executable, *args])
+        _launch(gpus, ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]])
+        return
     if not dry_run:
         _run_stages(config, set_, ["train"], force=True)
         return
