@@ -10,7 +10,7 @@ from conftest import SHARED_DATA
 from medtune.data.contamination import ContaminationGuard, normalise, question_stem
 from medtune.data.formatting import ChatFormatter
 from medtune.data.lengths import MARKER, keep_answer, truncate
-from medtune.data.packing import cu_seqlens, efficiency, pack, position_ids
+from medtune.data.packing import efficiency, pack
 
 
 def reasonmed_like_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -25,11 +25,6 @@ def test_pack_places_every_example_once_within_max_len():
     assert flat == list(range(len(lengths)))
     assert max(sum(lengths[i] for i in row) for row in rows) <= 2048
     assert efficiency(lengths, rows, 2048) >= 0.95
-
-
-def test_positions_and_boundaries():
-    assert position_ids([3, 2]) == [0, 1, 2, 0, 1]
-    assert cu_seqlens([3, 2]) == [0, 3, 5]
 
 
 def test_packed_row_gives_each_example_the_same_loss_as_alone(tiny_base):

@@ -203,6 +203,12 @@ def load_hf(path: str | Path, device: str | None = None,
     return model.to(device).eval(), tokenizer
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The model's chat template applied to `messages`, ending where the assistant's reply starts."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids that end a reply: the generation config's eos ids (Llama 3 lists three), else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

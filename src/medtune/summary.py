@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from medtune import DISCLAIMER
@@ -44,7 +45,8 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
     evaluation = run_dir.manifest("eval")
     if evaluation:
         console.print(f"\n[bold]Evaluation[/] ({run_dir / 'eval' / 'results.md'})")
-        text = (run_dir / "eval" / "results.md").read_text(encoding="utf-8")
-        comparison = text.split("## Comparison", 1)[-1].split("## Details", 1)[0].strip()
-        console.print(comparison, markup=False, highlight=False)
+        from medtune.evaluate.report import comparison_table
+
+        summary = json.loads((run_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
+        console.print(comparison_table(summary), markup=False, highlight=False)
     console.print(f"\n[dim italic]{DISCLAIMER}[/]")

@@ -32,7 +32,7 @@ def truncate(enc: Encoded, max_len: int) -> Encoded:
 
 def keep_answer(enc: Encoded, reply: str, max_len: int, formatter: ChatFormatter) -> Encoded | None:
     """The shortened example, or None when the prompt leaves no room for the reply's start and its answer."""
-    start, end = enc.reply_spans[-1]
+    start = enc.reply_spans[-1][0]
     tail_ids, marker_ids = formatter.tokenize([final_section(reply), MARKER])
     head = max_len - start - 1 - len(marker_ids) - len(tail_ids)  # 1: the end-of-turn token
     if head < MIN_HEAD:

@@ -36,11 +36,3 @@ def pack(lengths: list[int] | np.ndarray, max_len: int) -> list[list[int]]:
 def efficiency(lengths: list[int] | np.ndarray, rows: list[list[int]], max_len: int) -> float:
     """Real tokens / token slots."""
     return float(np.sum(lengths)) / (len(rows) * max_len) if rows else 0.0
-
-
-def position_ids(row_lengths: list[int]) -> list[int]:
-    return [p for n in row_lengths for p in range(n)]
-
-
-def cu_seqlens(row_lengths: list[int]) -> list[int]:
-    return np.concatenate([[0], np.cumsum(row_lengths)]).astype(int).tolist()

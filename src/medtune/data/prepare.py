@@ -66,11 +66,12 @@ class SplitWriter:
 
     def write(self, out: Path, name: str, max_len: int, packing: bool) -> dict[str, Any]:
         lengths = _as_numpy(self.lengths, np.int64)
+        mask = _as_numpy(self.mask, np.uint8)
         np.save(out / f"{name}.ids.npy", _as_numpy(self.ids, np.int32))
-        np.save(out / f"{name}.mask.npy", _as_numpy(self.mask, np.uint8))
+        np.save(out / f"{name}.mask.npy", mask)
         np.save(out / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         info: dict[str, Any] = {"rows": len(lengths), "tokens": int(lengths.sum()),
-                                "trained_tokens": int(sum(self.mask))}
+                                "trained_tokens": int(np.count_nonzero(mask))}
         if packing:
             rows = pack(lengths, max_len)
             np.save(out / f"{name}.packs.npy", np.array([i for row in rows for i in row], dtype=np.int64))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from medtune.errors import MedtuneError
-from medtune.models import end_of_turn_ids
+from medtune.models import chat_prompt_ids, end_of_turn_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,8 +29,7 @@ class BatchedGenerator:
         self.n_ctx = getattr(model.config, "max_position_embeddings", 4096)
 
     def prompt_ids(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def generate(self, conversations: list[Messages], max_new_tokens: int) -> list[dict[str, Any]]:
         """One result per conversation, in order: {text, finish_reason ("stop" | "length"), completion_tokens}."""

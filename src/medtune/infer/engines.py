@@ -129,9 +129,10 @@ class HFEngine(Engine):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        from medtune.models import chat_prompt_ids
+
         self.finish_reason, self.completion_tokens = None, 0
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.model.device)
+        ids = torch.tensor([chat_prompt_ids(self.tokenizer, messages)], device=self.model.device)
         if ids.shape[1] >= self.n_ctx:
             raise ContextOverflow(f"the prompt ({ids.shape[1]} tokens) does not fit the context of {self.n_ctx} "
                                   "tokens; shorten it")

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from medtune import DISCLAIMER, __version__
+from medtune.config import ChatConfig
 from medtune.errors import MedtuneError
 from medtune.infer.engines import ContextOverflow, LlamaCppEngine, Messages
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_SEQUENCES = 4
-# The seed recipe's sampling defaults, the same as `medtune chat`'s, for requests that leave them out.
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.9
+# The chat section's sampling defaults, for requests that leave them out.
+DEFAULT_TEMPERATURE = ChatConfig.model_fields["temperature"].default
+DEFAULT_TOP_P = ChatConfig.model_fields["top_p"].default
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias")
 

@@ -7,12 +7,21 @@ batch is attended as one flat sequence of examples: the collate step finds each 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
 import torch
 
 NAME = "varlen"
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """The keywords this torch's varlen_attn takes (its signature changed between 2.10 and 2.12); read once."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -27,12 +36,8 @@ def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     q = query.transpose(1, 2).reshape(rows * width, heads, dim)
     k = key.transpose(1, 2).reshape(rows * width, kv_heads, dim)
     v = value.transpose(1, 2).reshape(rows * width, kv_heads, dim)
-    params = inspect.signature(varlen_attn).parameters
-    extra: dict[str, Any] = {}
-    if "window_size" in params:
-        extra["window_size"] = (-1, 0)  # causal
-    else:
-        extra["is_causal"] = True
+    params = _varlen_params()
+    extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # causal
     if "scale" in params:
         extra["scale"] = scaling
     if kv_heads != heads:

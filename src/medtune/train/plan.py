@@ -15,7 +15,7 @@ TIMED_STEPS = 2
 
 def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: int, window: int, pad_id: int,
                  width: int | None, device: torch.device, precision: str, autocast: Any, scaler: Any,
-                 optimizer: Any) -> dict[str, Any]:
+                 optimizer: Any, weights_gib: float) -> dict[str, Any]:
     """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept)."""
     from medtune.train.stage import collate, counts, to_device, token_loss_sum
 
@@ -46,7 +46,6 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
             timed_tokens += tokens
     tokens_per_s = timed_tokens / timed if timed else 0.0
     total_tokens = real_tokens * epochs
-    weights = sum(p.numel() * p.element_size() for p in net.parameters())
     return {
         "dry_run": True,
         "device": str(device),
@@ -56,7 +55,7 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
         "epochs": round(epochs, 3),
         "steps": total_steps,
         "trainable_params": sum(p.numel() for p in params),
-        "weights_gib": round(weights / 2**30, 3),
+        "weights_gib": round(weights_gib, 3),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
         else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # CPU: peak RSS
         "measured_tokens_per_s": round(tokens_per_s, 1),

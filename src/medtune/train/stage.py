@@ -223,7 +223,6 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     tc = cfg.train
     prepared = run_dir.require("prepared", "medtune data CONFIG")
     dist = Distributed()
-    torch.manual_seed(cfg.seed + dist.rank)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
@@ -288,7 +287,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         from medtune.train.plan import dry_run_plan
 
         return dry_run_plan(cfg, loss_model, params, train_rows, total_steps, window, pad_id, width, device,
-                            precision, autocast, scaler, optimizer)
+                            precision, autocast, scaler, optimizer, weights_gib)
 
     ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
     start_step = 0
@@ -305,8 +304,9 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         val_before = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast, width)
         if dist.main:
             log.write({"step": 0, "val_loss": val_before})
-    else:  # measured before the first step, by the run being resumed
-        val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0), None)
+    else:  # measured before the first step, by the run being resumed; read where the log is written
+        val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0),
+                          None) if dist.main else None
 
     def windows():
         """Each optimizer step: its epoch, labelled and real tokens over all processes, and this process's
@@ -340,7 +340,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
                   "tokens_per_s": round(stats.tokens / elapsed, 1), "elapsed_s": round(elapsed, 2)}
         if stats.val_loss is not None:
             record["val_loss"] = stats.val_loss
-        if dist.main and (stats.step % tc.logging_steps == 0 or stats.step == total_steps or "val_loss" in record):
+        if dist.main and (stats.step % tc.logging_steps == 0 or stats.step == total_steps
+                          or stats.val_loss is not None):
             log.write(record)
         ui.update(task, completed=stats.step, description=f"train loss {loss_value:.3f} lr {stats.lr:.2e} "
                   f"{record['tokens_per_s']:,.0f} tok/s")
