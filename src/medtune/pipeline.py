@@ -63,18 +63,19 @@ def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
         parts["upstream"] = manifest["fingerprint"] if manifest else None
     if stage.name == "data" and cfg.data.path is not None:
         parts["input"] = _file_hash(run_dir, cfg.data.path)
-    if stage.name == "eval":
+    if stage.name == "eval" or (stage.name == "data" and cfg.data.contamination != "ignore"):
+        # the data stage checks records against the benchmarks: a changed benchmark file changes its result
         parts["inputs"] = [_file_hash(run_dir, b.path) for b in cfg.eval.benchmarks]
     return fingerprint(parts)
 
 
 def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, Any]:
     """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
-    fp = stage_fingerprint(stage, cfg, run_dir)
     module = importlib.import_module(stage.module)
     if os.environ.get("RANK", "0") != "0":  # another process of a multi-GPU launch: rank 0 writes the results
         with tempfile.TemporaryDirectory() as scratch:
             return module.run(cfg, run_dir, Path(scratch), ui)
+    fp = stage_fingerprint(stage, cfg, run_dir)
     with run_dir.atomic(stage.folder) as out:
         results = module.run(cfg, run_dir, out, ui)
         dump = cfg.model_dump(mode="json", by_alias=True)
