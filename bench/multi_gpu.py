@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from datetime import date
 from pathlib import Path
 
@@ -49,12 +52,82 @@ def steady_tokens_per_s(metrics: list[dict]) -> float:
     return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
 
 
+# Put on PYTHONPATH for the bench's runs only: SIGUSR1 makes any Python process print every thread's stack, so a
+# run that makes no progress shows where each process is (compiling, or waiting in a collective).
+STACK_DUMPS = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+
+
+def python_descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [root], [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            try:
+                if "python" in os.readlink(f"/proc/{child}/exe"):
+                    found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+def watched(cmd: list[str], env: dict, timeout: float, dump_at: list[float], name: str) -> tuple[int, str]:
+    """Run `cmd`, echoing its stderr with timestamps; dump every Python stack at `dump_at` seconds; kill the
+    whole process group after `timeout` s. Returns the exit code (None → timed out) and the stderr's tail."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tail: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stderr:
+            tail.append(line)
+            del tail[:-200]
+            print(f"[{name} {time.perf_counter() - start:6.1f}s] {line.rstrip()[:300]}", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    pending = sorted(dump_at)
+    code = None
+    while code is None:
+        try:
+            code = proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            elapsed = time.perf_counter() - start
+            if pending and elapsed >= pending[0]:
+                pending.pop(0)
+                pids = python_descendants(proc.pid)
+                print(f"[{name} {elapsed:6.1f}s] no exit yet: stacks of {pids}", flush=True)
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        pass
+            if elapsed >= timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                reader.join(timeout=5)
+                return -1, f"timed out after {timeout:.0f} s\n" + "".join(tail[-40:])
+    reader.join(timeout=5)
+    return code, "".join(tail[-40:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multi_gpu.json")
-    parser.add_argument("--runs", default="1,2,fsdp", help="which runs: 1 (one GPU), 2 (two, ddp), fsdp (two)")
+    parser.add_argument("--runs", default="1,2,fsdp", help="which runs, in this order: 1 (one GPU), 2 (two, ddp), "
+                        "fsdp (two)")
+    parser.add_argument("--no-compile", action="store_true", help="ddp runs without train.compile")
+    parser.add_argument("--timeouts", default="400,300,240", help="seconds each run may take, in --runs order")
     args = parser.parse_args()
+    timeouts = dict(zip(args.runs.split(","), map(float, args.timeouts.split(","))))
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
     from data_throughput import synthetic_file
@@ -63,10 +136,12 @@ def main() -> None:
         tmp = Path(tmp)
         make_model(args.tokenizer, tmp / "model")
         synthetic_file(tmp / "data.jsonl", 3000)
+        (tmp / "hooks").mkdir()
+        (tmp / "hooks" / "sitecustomize.py").write_text(STACK_DUMPS)
         runs = {}
-        for name, gpus, accum, strategy in (("1", 1, 2, "ddp"), ("2", 2, 1, "ddp"), ("fsdp", 2, 1, "fsdp")):
-            if name not in args.runs.split(","):
-                continue
+        setups = {"1": (1, 2, "ddp"), "2": (2, 1, "ddp"), "fsdp": (2, 1, "fsdp")}
+        for name in args.runs.split(","):
+            gpus, accum, strategy = setups[name]
             cfg = {
                 "name": f"multi-gpu-{name}", "run_dir": str(tmp / f"run{name}"), "seed": 0,
                 "base": {"model": str(tmp / "model")},
@@ -74,22 +149,25 @@ def main() -> None:
                          "contamination": "ignore"},
                 "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": accum, "lr": 2e-4, "warmup_steps": 5,
                           "precision": "bf16", "checkpoint_steps": 1000, "tensorboard": False,
-                          "attention": "flex_attention", "compile": strategy == "ddp", "strategy": strategy},
+                          "attention": "flex_attention", "compile": strategy == "ddp" and not args.no_compile,
+                          "strategy": strategy},
                 "export": {"name": "x"},
             }
             path = tmp / f"cfg{name}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-                       NVSHMEM_DISABLE_NVLS="1")
+                       NVSHMEM_DISABLE_NVLS="1", PYTHONUNBUFFERED="1",
+                       PYTHONPATH=os.pathsep.join([str(tmp / "hooks"), *filter(None, [os.environ.get("PYTHONPATH")])]))
             if gpus == 1:
                 env["CUDA_VISIBLE_DEVICES"] = "0"
             cli = [sys.executable, "-m", "medtune.cli"]
             subprocess.run([*cli, "data", str(path)], check=True, env=env, cwd=ROOT)
-            train = subprocess.run([*cli, "train", str(path), "--gpus", str(gpus)], env=env, cwd=ROOT,
-                                   stderr=subprocess.PIPE, text=True)
-            if train.returncode != 0:  # recorded; the other runs still go
-                runs[name] = {"error": train.stderr[-1500:]}
-                print(name, "FAILED", train.stderr[-3000:], flush=True)
+            limit = timeouts.get(name, 400.0)
+            code, err = watched([*cli, "train", str(path), "--gpus", str(gpus)], env, limit,
+                                [limit * 0.45, limit - 15], name)
+            if code != 0:  # recorded; the other runs still go
+                runs[name] = {"error": err[-1500:]}
+                print(name, "FAILED", flush=True)
                 continue
             adapter = tmp / f"run{name}" / "adapter"
             metrics = [json.loads(line) for line in (adapter / "metrics.jsonl").open()]
@@ -106,7 +184,8 @@ def main() -> None:
         "card": torch.cuda.get_device_name(), "date": date.today().isoformat(), "gpus": 2,
         "command": " ".join(["python", *sys.argv]), "steps": STEPS, "steady_from_step": STEADY_FROM,
         "global_batch_rows": 8, "max_len": 2048,
-        "settings": "flex_attention, compiled decoder, bf16, packed 4 x 2048 rows per GPU micro-batch",
+        "settings": f"flex_attention, {'eager' if args.no_compile else 'compiled'} decoder, bf16, packed 4 x 2048 "
+                    "rows per GPU micro-batch",
         "runs": {name: {k: v for k, v in run.items() if k != "losses"} for name, run in runs.items()},
     }
     ok = {name for name, run in runs.items() if "error" not in run}
