@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--runs", default="1,2,fsdp", help="which runs, in this order: 1 (one GPU), 2 (two, ddp), "
                         "fsdp (two)")
     parser.add_argument("--no-compile", action="store_true", help="ddp runs without train.compile")
+    parser.add_argument("--reference", type=Path, help="an earlier result whose one-GPU losses the runs are compared "
+                        "with, when this call does not run 1")
     parser.add_argument("--timeouts", default="400,300,240", help="seconds each run may take, in --runs order")
     args = parser.parse_args()
     timeouts = dict(zip(args.runs.split(","), map(float, args.timeouts.split(","))))
@@ -176,6 +178,9 @@ def main() -> None:
                           "tokens_per_s": steady_tokens_per_s(metrics), "peak_gpu_memory_gib":
                           report["peak_gpu_memory_gib"], "weights_gib_per_process": report["weights_gib_per_process"]}
             print(name, {k: v for k, v in runs[name].items() if k != "losses"}, flush=True)
+
+    if "1" not in runs and args.reference:
+        runs["1"] = {"losses": json.loads(args.reference.read_text())["losses_1"], "from": str(args.reference)}
 
     def rel(other: str) -> list[float]:  # relative to the one-GPU run
         return [abs(a - b) / abs(a) for a, b in zip(runs["1"]["losses"], runs[other]["losses"])]
