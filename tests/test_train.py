@@ -116,6 +116,15 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_config, tmp_path, 
     assert sorted(p.name for p in (run / "checkpoints").glob("*/step-*")) == ["step-00000003"]
 
 
+@pytest.mark.parametrize("attention", ["varlen", "flex_attention"])
+def test_gpu_only_attention_is_refused_on_cpu(tiny_config, tmp_path, attention):
+    cfg = load_config(configure(tiny_config, tmp_path / "run", max_steps=2, attention=attention))
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    with pytest.raises(MedtuneError, match=f"train.attention {attention} trains on a CUDA GPU only"):
+        run_stage(BY_NAME["train"], cfg, run, UI())
+
+
 def test_dry_run_plans_without_training(tiny_config, tmp_path):
     cfg = configure(tiny_config, tmp_path / "run")
     proc = medtune("train", str(cfg), "--dry-run")

@@ -115,12 +115,3 @@ def test_adafactor_matches_transformers():
     assert moved.state[ours[0]]["step"] == 12
     torch.testing.assert_close(moved.state[ours[0]]["exp_avg_sq_row"], ref.state[theirs[0]]["exp_avg_sq_row"])
     Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False).load_state_dict(opt.state_dict())
-
-
-@pytest.mark.parametrize("attention", ["varlen", "flex_attention"])
-def test_gpu_only_attention_is_refused_on_cpu(tiny_base, attention):
-    from medtune.errors import MedtuneError
-    from medtune.train.stage import load_base_for_training
-
-    with pytest.raises(MedtuneError, match=f"train.attention {attention} trains on a CUDA GPU only"):
-        load_base_for_training(str(tiny_base), "fp32", torch.device("cpu"), False, attention)

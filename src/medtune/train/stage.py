@@ -154,9 +154,6 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
 def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
     frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
-    if attention in ("varlen", "flex_attention") and device.type != "cuda":
-        raise MedtuneError(f"train.attention {attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
-                           "for it); use train.attention=auto on this machine")
     if attention == "varlen":
         from medtune.train.attention import register
 
@@ -228,6 +225,9 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
     precision = pick_precision(tc.precision, device)
+    if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
+        raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
+                           "for it); use train.attention=auto on this machine")
     base = resolve_base(cfg.base.model, cfg.base.revision)
     tokenizer = load_tokenizer(base)
     pad_id = tokenizer.pad_token_id
