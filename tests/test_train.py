@@ -147,6 +147,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
         proc = medtune("train", str(cfg), "--gpus", str(procs))
         out, err = proc.communicate()
         assert proc.returncode == 0, err[-2000:]
+        assert out.count("train: running") == 1 and out.count("research and education software") == 1, out
         curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
         report = json.loads((tmp_path / f"run{procs}" / "adapter" / "train_report.json").read_text())
         assert report["world_size"] == procs

@@ -5,6 +5,7 @@ Heavy libraries (torch, transformers, llama_cpp) are imported inside the command
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -60,15 +61,16 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
         run_dir = RunDir(cfg.run_dir)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
-            ui = UI(console, progress)
+        main = os.environ.get("RANK", "0") == "0"  # the other processes of a multi-GPU launch print only errors
+        with Progress(*columns, console=console, transient=False) if main else contextlib.nullcontext() as progress:
+            ui = UI(console, progress) if main else UI()
             if names:
                 for name in names:
                     ui.log(f"[bold]{name}[/]: running")
                     run_stage(BY_NAME[name], cfg, run_dir, ui)
             else:
                 run_all(cfg, run_dir, ui, force=force)
-        if os.environ.get("RANK", "0") == "0":  # one summary for a multi-GPU launch
+        if main:
             from medtune.summary import print_summary
 
             print_summary(cfg, run_dir, console)
