@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -44,24 +45,66 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in map(json.loads, lines) if "loss" in m]
 
 
-def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path):
+# Loaded by every Python process of a run started with this folder on PYTHONPATH: the first process, as it begins
+# the forward pass of step KILL_AT (mid-training, not at a checkpoint), SIGKILLs the launcher, if any, and itself.
+# The other processes must then end too (they are in sessions of their own; the launcher's death ends them).
+KILLER = """
+import os, signal
+from medtune.train import stage
+
+_real, _calls = stage.token_loss_sum, [0]
+
+
+def _killing(model, batch):
+    if model.training and os.environ.get("RANK", "0") == "0":
+        _calls[0] += 1
+        if _calls[0] > (int(os.environ["KILL_AT"]) - 1) * int(os.environ["MICRO_PER_STEP"]):
+            if "LOCAL_RANK" in os.environ:
+                os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _real(model, batch)
+
+
+stage.token_loss_sum = _killing
+"""
+
+
+def processes_running(config: Path) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(config).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path, processes):
+    """With 2 processes each one's RNG state (LoRA dropout) is restored, not the first one's."""
+    gpus = ("--gpus", str(processes))
     straight = configure(tiny_config, tmp_path / "straight")
     killed = configure(tiny_config, tmp_path / "killed")
     for cfg in (straight, killed):
         assert medtune("data", str(cfg)).wait() == 0
-    assert medtune("train", str(straight)).wait() == 0
+    assert medtune("train", str(straight), *gpus).wait() == 0
 
-    target = random.Random().choice([3, 6, 9, 12])
-    proc = medtune("train", str(killed))
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while not any(int(p.name[5:]) >= target for p in ckpts.glob("*/step-*")) and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at = random.Random().randint(4, 20)  # checkpoints every 3 steps: the last one is step (kill_at-1)//3*3
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]), KILL_AT=str(kill_at),
+               MICRO_PER_STEP="2")
+    proc = subprocess.Popen([sys.executable, "-m", "medtune.cli", "train", str(killed), *gpus], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    deadline = time.time() + 30
+    while processes_running(killed) and time.time() < deadline:  # no orphan goes on training
+        time.sleep(0.1)
+    assert not processes_running(killed)
     assert not (tmp_path / "killed" / "adapter").exists()  # nothing at a final path
-    resumed = medtune("train", str(killed))
+    resumed = medtune("train", str(killed), *gpus)
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert "resuming from" in out
@@ -72,8 +115,9 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     b = (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == b
     report = json.loads((tmp_path / "killed" / "adapter" / "train_report.json").read_text())
-    assert report["resumed_from_step"] >= target
-    assert len(list(ckpts.glob("*/step-*"))) == 2  # keep_checkpoints
+    assert report["resumed_from_step"] == (kill_at - 1) // 3 * 3
+    assert report["world_size"] == processes
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("*/step-*"))) == 2  # keep_checkpoints
 
 
 def test_observability_files(tiny_config, tmp_path):
@@ -125,13 +169,15 @@ def test_gpu_only_attention_is_refused_on_cpu(tiny_config, tmp_path, attention):
         run_stage(BY_NAME["train"], cfg, run, UI())
 
 
-def test_dry_run_plans_without_training(tiny_config, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_dry_run_plans_without_training(tiny_config, tmp_path, processes):
     cfg = configure(tiny_config, tmp_path / "run")
-    proc = medtune("train", str(cfg), "--dry-run")
+    proc = medtune("train", str(cfg), "--dry-run", "--gpus", str(processes))
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     for key in ("tokens_per_epoch", "steps", "measured_tokens_per_s", "expected_hours", "peak_memory_gib"):
-        assert key in out
+        assert out.count(key) == 1, out  # one plan, from the first process
+    assert re.search(rf"processes +│ {processes} ", out), out
     assert not (tmp_path / "run" / "adapter").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -124,6 +124,19 @@ def data_command(
     raise typer.Exit(0 if report["rejected"] == 0 else 1)
 
 
+def _end_with_launcher() -> None:
+    """A process of a multi-GPU launch is killed when its launcher ends, even by SIGKILL: the launcher starts each
+    in a session of its own, and an orphan would go on training and writing into the run directory."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher ended before the line above
+        raise typer.Exit(1)
+
+
 def _launch(processes: int, args: list[str]) -> None:
     """Run `python ARGS` as N processes of one machine (what `torchrun --standalone` does). A process that fails has
     printed its own message; this adds one line and the exit code, not the launcher's traceback."""
@@ -162,7 +175,10 @@ def train_command(
 
     A run directory with checkpoints of the same config resumes from the newest one.
     """
-    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+    launcher = gpus > 1 and "LOCAL_RANK" not in os.environ
+    if "LOCAL_RANK" in os.environ:
+        _end_with_launcher()
+    if launcher and not dry_run:
         _launch(gpus, ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]])
         return
     if not dry_run:
@@ -181,12 +197,19 @@ def train_command(
         cfg = load_config(config, set_)
         run_dir = RunDir(cfg.run_dir)
         data = BY_NAME["data"]
-        if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
-            run_stage(data, cfg, run_dir, UI(console))
+        if launcher or "LOCAL_RANK" not in os.environ:  # prepared once, before any process of a launch starts
+            if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
+                run_stage(data, cfg, run_dir, UI(console))
+        if launcher:  # timed on the N processes the run will have
+            _launch(gpus, ["-m", "medtune.cli", "train", str(config), "--dry-run",
+                           *[f"--set={item}" for item in set_ or []]])
+            return
         with tempfile.TemporaryDirectory() as scratch:
             plan = train_run(cfg, run_dir, Path(scratch), UI(console), dry_run=True)
     except MedtuneError as exc:
         _fail(exc)
+    if os.environ.get("RANK", "0") != "0":
+        return
     from rich.table import Table
 
     table = Table(title=f"dry run: {cfg.name}", show_header=False)

@@ -3,7 +3,8 @@
 A checkpoint is a folder `step-NNNNNNNN/` under `<run>/checkpoints/<key>/` (key: a fingerprint of the training
 config and data, so a changed config never resumes from a foreign checkpoint) holding the adapter weights, the
 optimizer, scheduler and loss-scaler states, the RNG states and the step; the data position follows from the step
-(the batch order is a pure function of seed and epoch). Folders are written under a temporary name and renamed, so
+(the batch order is a pure function of seed and epoch). Each process of a multi-GPU run gets its own RNG state back
+(LoRA dropout draws differ between processes). Folders are written under a temporary name and renamed, so
 a checkpoint that exists is complete; the newest `keep` are kept.
 """
 
@@ -37,14 +38,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any, keep: int) -> Path:
+def save(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any, keep: int,
+         rng: list[dict[str, Any]]) -> Path:
+    """`rng`: every process's `rng_state()`, in rank order."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".partial"))
     try:
         model.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
+                    "scaler": scaler.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
         for path in tmp.iterdir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -64,8 +67,8 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> int:
-    """Restore a checkpoint into freshly built objects; returns the step it was taken at."""
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, rank: int = 0) -> int:
+    """Restore a checkpoint into freshly built objects (this process's RNG state: `rank`'s); returns its step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -74,5 +77,8 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) ->
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    set_rng_state(states[rank % len(states)])
+    if rank >= len(states):  # more processes than the checkpoint has states for: a stream of its own
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)
     return int(state["step"])

@@ -46,6 +46,14 @@ class Distributed:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every process's `obj`, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast_(self, params: list[torch.nn.Parameter]) -> None:
         """Rank 0's values of the trainable tensors on every process."""
         if self.world == 1:

@@ -9,14 +9,17 @@ from typing import Any
 import torch
 
 from medtune.config import Config
+from medtune.train.parallel import Distributed
 
 TIMED_STEPS = 2
 
 
 def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: int, window: int, pad_id: int,
                  width: int | None, device: torch.device, precision: str, autocast: Any, scaler: Any,
-                 optimizer: Any, weights_gib: float) -> dict[str, Any]:
-    """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept)."""
+                 optimizer: Any, weights_gib: float, dist: Distributed) -> dict[str, Any]:
+    """Times one warm-up and TIMED_STEPS optimizer steps on the real model and data (weights are not kept). Under a
+    multi-process launch each process takes its share of a step's micro-batches and the gradients are summed, as in
+    the run; tokens/s counts the whole step's tokens."""
     from medtune.train.stage import collate, counts, to_device, token_loss_sum
 
     tc = cfg.train
@@ -32,12 +35,15 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
         for k in range(window):
             at = ((step * window + k) * tc.batch_size) % max(1, len(rows))
             micro = [rows[order[(at + j) % len(rows)]] for j in range(tc.batch_size)]
+            tokens += counts(micro)[0]
+            if k % dist.world != dist.rank:  # another process's micro-batch
+                continue
             batch = collate(micro, pad_id, width)  # the shape the run will have
             n = max(1, batch["targets"].numel())
-            tokens += counts(micro)[0]
             with autocast():
                 loss = token_loss_sum(net, to_device(batch, device))
             scaler.scale(loss / n).backward()
+        dist.reduce_grads(params)
         optimizer.zero_grad(set_to_none=True)  # measured, not applied: the weights stay as loaded
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -49,6 +55,7 @@ def dry_run_plan(cfg: Config, net: Any, params: list, rows: list, total_steps: i
     return {
         "dry_run": True,
         "device": str(device),
+        "processes": dist.world,
         "precision": precision,
         "rows": len(rows),
         "tokens_per_epoch": real_tokens,

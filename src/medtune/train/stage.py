@@ -287,13 +287,13 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
         from medtune.train.plan import dry_run_plan
 
         return dry_run_plan(cfg, loss_model, params, train_rows, total_steps, window, pad_id, width, device,
-                            precision, autocast, scaler, optimizer, weights_gib)
+                            precision, autocast, scaler, optimizer, weights_gib, dist)
 
     ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
     start_step = 0
     found = checkpoint.latest(ckpt_root)
     if found is not None:
-        start_step = checkpoint.load(found, model, optimizer, scheduler, scaler)
+        start_step = checkpoint.load(found, model, optimizer, scheduler, scaler, dist.rank)
         ui.log(f"train: resuming from {found} (step {start_step} of {total_steps})")
     else:
         dist.broadcast_(params)  # identical already; made certain, as DDP would
@@ -379,8 +379,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
             last = finish(stats)
         else:
             pending = stats
-        if dist.main and save:
-            checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints)
+        if save:
+            rng = dist.gather(checkpoint.rng_state())
+            if dist.main:
+                checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, scaler, tc.keep_checkpoints, rng)
 
     val_after = evaluate_loss(loss_model, val_rows, tc.batch_size, pad_id, device, autocast, width)
     report = {
