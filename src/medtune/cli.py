@@ -176,10 +176,11 @@ def train_command(
     A run directory with checkpoints of the same config resumes from the newest one.
     """
     launcher = gpus > 1 and "LOCAL_RANK" not in os.environ
+    worker = ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]]
     if "LOCAL_RANK" in os.environ:
         _end_with_launcher()
     if launcher and not dry_run:
-        _launch(gpus, ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]])
+        _launch(gpus, worker)
         return
     if not dry_run:
         _run_stages(config, set_, ["train"], force=True)
@@ -201,8 +202,7 @@ def train_command(
             if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
                 run_stage(data, cfg, run_dir, UI(console))
         if launcher:  # timed on the N processes the run will have
-            _launch(gpus, ["-m", "medtune.cli", "train", str(config), "--dry-run",
-                           *[f"--set={item}" for item in set_ or []]])
+            _launch(gpus, [*worker, "--dry-run"])
             return
         with tempfile.TemporaryDirectory() as scratch:
             plan = train_run(cfg, run_dir, Path(scratch), UI(console), dry_run=True)
