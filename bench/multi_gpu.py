@@ -80,7 +80,7 @@ def python_descendants(root: int) -> list[int]:
 
 def watched(cmd: list[str], env: dict, timeout: float, dump_at: list[float], name: str) -> tuple[int, str]:
     """Run `cmd`, echoing its stderr with timestamps; dump every Python stack at `dump_at` seconds; kill the
-    whole process group after `timeout` s. Returns the exit code (None → timed out) and the stderr's tail."""
+    whole process group after `timeout` s. Returns the exit code (-1: timed out) and the stderr's tail."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     tail: list[str] = []

@@ -46,10 +46,11 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 # Loaded by every Python process of a run started with this folder on PYTHONPATH: the first process, as it begins
-# the forward pass of step KILL_AT (mid-training, not at a checkpoint), SIGKILLs the launcher, if any, and itself.
-# The other processes must then end too (they are in sessions of their own; the launcher's death ends them).
+# the forward pass of step KILL_AT (mid-training, not at a checkpoint), SIGKILLs the launcher if there is one, else
+# itself. Under a launcher it then waits: the launcher's death alone must end it and every other process (they are
+# in sessions of their own), or the test finds them still running.
 KILLER = """
-import os, signal
+import os, signal, time
 from medtune.train import stage
 
 _real, _calls = stage.token_loss_sum, [0]
@@ -61,6 +62,7 @@ def _killing(model, batch):
         if _calls[0] > (int(os.environ["KILL_AT"]) - 1) * int(os.environ["MICRO_PER_STEP"]):
             if "LOCAL_RANK" in os.environ:
                 os.kill(os.getppid(), signal.SIGKILL)
+                time.sleep(60)
             os.kill(os.getpid(), signal.SIGKILL)
     return _real(model, batch)
 
@@ -95,10 +97,12 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]), KILL_AT=str(kill_at),
                MICRO_PER_STEP="2")
-    proc = subprocess.Popen([sys.executable, "-m", "medtune.cli", "train", str(killed), *gpus], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    # output to a file, not a pipe: reading a pipe to its end would wait for every process that holds it
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "medtune.cli", "train", str(killed), *gpus], cwd=ROOT,
+                                env=env, stdout=log, stderr=log, start_new_session=True)
+        proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     deadline = time.time() + 30
     while processes_running(killed) and time.time() < deadline:  # no orphan goes on training
         time.sleep(0.1)

@@ -52,7 +52,7 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
 
     from medtune.artifacts import RunDir
     from medtune.config import load_config
-    from medtune.pipeline import BY_NAME, run_all, run_stage
+    from medtune.pipeline import BY_NAME, first_process, run_all, run_stage
     from medtune.ui import UI
 
     _quiet_libraries()
@@ -61,7 +61,7 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
         run_dir = RunDir(cfg.run_dir)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn())
-        main = os.environ.get("RANK", "0") == "0"  # the other processes of a multi-GPU launch print only errors
+        main = first_process()  # the other processes of a multi-GPU launch print only errors
         with Progress(*columns, console=console, transient=False) if main else contextlib.nullcontext() as progress:
             ui = UI(console, progress) if main else UI()
             if names:
@@ -175,9 +175,10 @@ def train_command(
 
     A run directory with checkpoints of the same config resumes from the newest one.
     """
-    launcher = gpus > 1 and "LOCAL_RANK" not in os.environ
+    launched = "LOCAL_RANK" in os.environ  # a process of a multi-GPU launch
+    launcher = gpus > 1 and not launched
     worker = ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]]
-    if "LOCAL_RANK" in os.environ:
+    if launched:
         _end_with_launcher()
     if launcher and not dry_run:
         _launch(gpus, worker)
@@ -190,7 +191,7 @@ def train_command(
 
     from medtune.artifacts import RunDir
     from medtune.config import load_config
-    from medtune.pipeline import BY_NAME, run_stage, stage_fingerprint
+    from medtune.pipeline import BY_NAME, first_process, run_stage, stage_fingerprint
     from medtune.train.stage import run as train_run
     from medtune.ui import UI
 
@@ -198,7 +199,7 @@ def train_command(
         cfg = load_config(config, set_)
         run_dir = RunDir(cfg.run_dir)
         data = BY_NAME["data"]
-        if launcher or "LOCAL_RANK" not in os.environ:  # prepared once, before any process of a launch starts
+        if not launched:  # prepared once, before any process of a launch starts
             if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
                 run_stage(data, cfg, run_dir, UI(console))
         if launcher:  # timed on the N processes the run will have
@@ -208,7 +209,7 @@ def train_command(
             plan = train_run(cfg, run_dir, Path(scratch), UI(console), dry_run=True)
     except MedtuneError as exc:
         _fail(exc)
-    if os.environ.get("RANK", "0") != "0":
+    if not first_process():
         return
     from rich.table import Table
 

@@ -69,10 +69,15 @@ def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
     return fingerprint(parts)
 
 
+def first_process() -> bool:
+    """False in the other processes of a multi-GPU launch: the first one writes the results and talks to the user."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, Any]:
     """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
     module = importlib.import_module(stage.module)
-    if os.environ.get("RANK", "0") != "0":  # another process of a multi-GPU launch: rank 0 writes the results
+    if not first_process():  # the first process writes the results
         with tempfile.TemporaryDirectory() as scratch:
             return module.run(cfg, run_dir, Path(scratch), ui)
     fp = stage_fingerprint(stage, cfg, run_dir)
