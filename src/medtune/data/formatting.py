@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from medtune.errors import MedtuneError
-from medtune.evaluate.extract import EXPLICIT
+from medtune.answers import EXPLICIT
 from medtune.models import end_of_turn_token
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medtune.evaluate.benchmarks import Item
-from medtune.evaluate.extract import extract_letter
+from medtune.answers import extract_letter
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
 from medtune.evaluate.prompts import multiple_choice_prompt

@@ -17,7 +17,7 @@ from rich.markup import escape
 from medtune import DISCLAIMER
 from medtune.artifacts import atomic_write_text
 from medtune.errors import MedtuneError
-from medtune.evaluate.extract import BOXED, EXPLICIT, extract_letter
+from medtune.answers import BOXED, EXPLICIT, extract_letter
 from medtune.infer.engines import ContextOverflow, Engine, Messages
 
 OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s+(\S.*)$", re.M)

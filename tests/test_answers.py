@@ -1,6 +1,6 @@
 import pytest
 
-from medtune.evaluate.extract import extract_letter
+from medtune.answers import extract_letter
 from medtune.evaluate.runner import wilson_interval
 
 OPTIONS = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Alteplase"}

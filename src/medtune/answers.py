@@ -1,4 +1,4 @@
-"""Extracting the chosen option letter from a free-text, chain-of-thought answer.
+"""Answer extraction, shared by data, chat, pairs and evaluation: the chosen option letter of a free-text answer.
 
 Tried in order: an explicit "answer is X" / "Final answer: X" (the last one wins), `\\boxed{X}`, a final line that
 is just an option letter, then the text of exactly one option in the final line. None when all fail; the share of
