@@ -67,7 +67,20 @@ class LoraConfig(Section):
     dora: bool = False  # weight-decomposed LoRA (PEFT use_dora)
 
 
+class PreferenceConfig(Section):
+    """DPO / ORPO settings (train.objective dpo or orpo)."""
+
+    beta: float = Field(0.1, gt=0)  # DPO: strength of the pull towards the reference model
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # DPO loss variant
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # `robust` (and `sigmoid`): assumed share of flipped labels
+    nll_weight: float = Field(0.0, ge=0)  # NLL on the chosen reply added to DPO: 0 = plain DPO, 1 = RPO
+    orpo_lambda: float = Field(0.1, gt=0)  # ORPO: weight of the odds-ratio term next to the chosen reply's NLL
+
+
 class TrainConfig(Section):
+    # sft: next-token loss on the replies; dpo / orpo: preference pairs {"prompt", "chosen", "rejected"}
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    preference: PreferenceConfig = PreferenceConfig()
     lora: LoraConfig = LoraConfig()
     optimizer: Literal["adafactor", "adamw"] = "adafactor"
     epochs: float = Field(3.0, gt=0)
