@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from medtune.data.contamination import ContaminationGuard, normalise, question_stem
+from medtune.contamination import ContaminationGuard, normalise, question_stem
 from medtune.data.formatting import ChatFormatter
 from medtune.data.lengths import MARKER, keep_answer, truncate
 from medtune.data.packing import efficiency, pack

@@ -30,7 +30,7 @@ import numpy as np
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
 from medtune.data import lengths as length_policy
-from medtune.data.contamination import ContaminationGuard, question_stem
+from medtune.contamination import ContaminationGuard, question_stem
 from medtune.data.formatting import ChatFormatter, Encoded, final_answer
 from medtune.data.packing import efficiency, pack
 from medtune.data.sources import Conversation, Rejection, hub_data_file, read_records
