@@ -22,7 +22,7 @@ import torch
 
 from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import Config
-from medtune.data.prepare import load_packs, load_split
+from medtune.prepared import load_packs, load_split
 from medtune.errors import MedtuneError
 from medtune.models import load_model, load_tokenizer, resolve_base
 from medtune.train import checkpoint
