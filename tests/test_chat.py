@@ -15,7 +15,7 @@ import pytest
 from conftest import SMOLLM2, write_jsonl
 from rich.console import Console
 
-from medtune.infer.chat import answer, batch, batch_messages, final_answer, interactive
+from medtune.infer.chat import answer, batch, batch_messages, interactive
 from medtune.infer.engines import Engine, llama_context_size
 
 QUESTION = ("Please answer the following multiple-choice question:\nWhich organ pumps blood around the body?\n"
@@ -238,11 +238,3 @@ def test_batch_all_good_writes_every_answer(tmp_path):
     assert counts == {"answered": 2, "failed": 0}
     records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [r["final_answer"] for r in records] == [None, "B"]
-
-
-def test_final_answer():
-    assert final_answer("Thinking...\nThe answer is B.", QUESTION) == "B"
-    assert final_answer("So the heart.\nB", QUESTION) == "B"
-    assert final_answer("The answer is Z.", QUESTION) is None  # not one of the options
-    assert final_answer("Final answer: c", "free text question") == "C"
-    assert final_answer("No letter here.", "free text question") is None

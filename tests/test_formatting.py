@@ -1,6 +1,6 @@
 import pytest
 
-from medtune.data.formatting import ChatFormatter, final_answer
+from medtune.data.formatting import ChatFormatter
 
 REPLY = "1. Scurvy is vitamin C deficiency.\nSummary: vitamin C.\nThe answer is C."
 MESSAGES = [{"role": "user", "content": "Which vitamin deficiency causes scurvy?\nA. A\nB. B\nC. C\nD. D"},
@@ -29,12 +29,6 @@ def test_multi_turn_and_system_prompt(smollm2_tokenizer):
     text = smollm2_tokenizer.decode(enc.input_ids)
     assert text.startswith("<|im_start|>system\nYou are a careful clinician.<|im_end|>")
     assert "Why?" in text
-
-
-def test_final_answer():
-    assert final_answer(REPLY) == "C"
-    assert final_answer("the answer is (b) and later The answer is D.") == "D"
-    assert final_answer("no letter here") is None
 
 
 LLAMA3_TEMPLATE = (

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from medtune.errors import MedtuneError
-from medtune.answers import EXPLICIT
 from medtune.models import end_of_turn_token
 
 if TYPE_CHECKING:
@@ -98,9 +97,3 @@ class ChatFormatter:
 
     def encode(self, messages: list[dict[str, str]]) -> Encoded:
         return self.encode_batch([messages])[0]
-
-
-def final_answer(text: str) -> str | None:
-    """The letter of the last "The answer is X" in a reply, if any."""
-    matches = EXPLICIT.findall(text)
-    return matches[-1].upper() if matches else None

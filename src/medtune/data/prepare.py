@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from medtune.answers import final_answer
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
 from medtune.data import lengths as length_policy
 from medtune.contamination import ContaminationGuard, question_stem
-from medtune.data.formatting import ChatFormatter, Encoded, final_answer
+from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.packing import efficiency, pack
 from medtune.data.sources import Conversation, Rejection, hub_data_file, read_records
 from medtune.errors import MedtuneError
@@ -175,9 +176,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
                 else:
                     counts["truncated"] += 1
                     enc = length_policy.truncate(enc, dc.max_len)
-                    answer = final_answer(reply)
+                    question = next(m["content"] for m in reversed(conv.messages) if m["role"] == "user")
+                    answer = final_answer(reply, question)
                     kept = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
-                    if answer is not None and final_answer(tokenizer.decode(kept)) != answer:
+                    if answer is not None and final_answer(tokenizer.decode(kept), question) != answer:
                         counts["truncated_answer_cut"] += 1
             if not any(enc.loss_mask):
                 rejected.append(Rejection(conv.location, "no assistant token left inside data.max_len"))

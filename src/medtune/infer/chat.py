@@ -7,7 +7,6 @@ Ctrl-C stops a generation without leaving. The reply (the reasoning) streams; it
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,13 @@ from typing import Any
 from rich.markup import escape
 
 from medtune import DISCLAIMER
+from medtune.answers import final_answer
 from medtune.artifacts import atomic_write_text
 from medtune.errors import MedtuneError
-from medtune.answers import BOXED, EXPLICIT, extract_letter
 from medtune.infer.engines import ContextOverflow, Engine, Messages
 
-OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.):]\s+(\S.*)$", re.M)
 ROLES = ("system", "user", "assistant")
 HELP = "/reset clears the history, /system TEXT sets a system prompt, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer"
-
-
-def final_answer(text: str, question: str = "") -> str | None:
-    """The option letter the reply settles on, if any; a question that lists options ("A. ...") narrows the search."""
-    options = {letter.upper(): option for letter, option in OPTION_LINE.findall(question)}
-    if options:
-        return extract_letter(text, options)
-    for pattern in (EXPLICIT, BOXED):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].upper()
-    return None
 
 
 def answer(engine: Engine, messages: Messages, console: Any, sampling: dict[str, Any],
