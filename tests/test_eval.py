@@ -108,7 +108,7 @@ def test_loglik_solver_records(tiny, tmp_path):
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_base, tiny, tmp_path):
-    from medtune.infer.engines import HFEngine
+    from medtune.engines import HFEngine
 
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer, batch_size=2)  # forced: the runner batches only on a GPU

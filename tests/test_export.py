@@ -15,25 +15,37 @@ import pytest
 
 from medtune.artifacts import RunDir, write_manifest
 from medtune.export import gguf, parity, verify
+from medtune.gguf_types import TYPES, file_name, ollama_choice
 
 
 @pytest.fixture(scope="module")
 def tiny_ggufs(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
-    f16 = out / gguf.file_name("tiny", "F16")
+    f16 = out / file_name("tiny", "F16")
     gguf.convert(tiny_base, f16)
-    files = {"F16": f16, "BF16": out / gguf.file_name("tiny", "BF16")}
+    files = {"F16": f16, "BF16": out / file_name("tiny", "BF16")}
     gguf.convert(tiny_base, files["BF16"], "bf16")
     for t in ("Q8_0", "Q4_K_M"):
-        files[t] = out / gguf.file_name("tiny", t)
+        files[t] = out / file_name("tiny", t)
         gguf.quantize(f16, files[t], t)
     return files
 
 
 def test_names_follow_the_seed():
-    assert gguf.file_name("m", "F16") == "m-fp16.gguf"
-    assert gguf.file_name("m", "BF16") == "m-bf16.gguf"
-    assert gguf.file_name("m", "Q4_K_M") == "m-Q4_K_M.gguf"
+    assert file_name("m", "F16") == "m-fp16.gguf"
+    assert file_name("m", "BF16") == "m-bf16.gguf"
+    assert file_name("m", "Q4_K_M") == "m-Q4_K_M.gguf"
+
+
+def test_every_type_is_a_llama_cpp_file_type_and_ollama_gets_the_smallest_close_one():
+    import llama_cpp
+
+    for t in TYPES:
+        assert isinstance(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t.name}"), int), t.name
+    assert len({t.ollama_rank for t in TYPES}) == len(TYPES)  # one choice for any set of exported types
+    assert ollama_choice(["F16", "Q8_0", "Q5_K_M", "Q4_K_M"]) == "Q4_K_M"
+    assert ollama_choice(["BF16", "F16", "Q8_0"]) == "Q8_0"
+    assert ollama_choice(["BF16", "F16"]) == "F16"
 
 
 def test_header_reader_agrees_with_gguf_py(tiny_ggufs):
@@ -173,7 +185,8 @@ def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path
     write_manifest(run_dir / "merged", "merge", "test", {}, {})
     cfg = {"name": "tiny", "run_dir": str(run_dir.root), "base": {"model": str(tiny_base)},
            "data": {"path": str(tmp_path / "unused.jsonl")},
-           "export": {"name": "tiny", "types": ["F16", "Q8_0", "Q4_K_M"]}}
+           "export": {"name": "tiny", "types": ["F16", "Q8_0", "Q4_K_M"]},
+           "chat": {"temperature": 0.3, "top_p": 0.85}}
     cmd = [sys.executable, "-c", KILLABLE_EXPORT, json.dumps(cfg)]
 
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -204,6 +217,8 @@ def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path
     assert "relative_to_float" in q4["perplexity"] and "relative_to_float" not in f16["perplexity"]
     assert f16["tokenizer"]["texts"] >= 200 and f16["metadata"]["problems"] == []
     assert results["ollama"]["from"] == "tiny-Q4_K_M.gguf"
+    modelfile = (run_dir / "gguf" / "Modelfile").read_text().splitlines()
+    assert "PARAMETER temperature 0.3" in modelfile and "PARAMETER top_p 0.85" in modelfile  # the config's chat
     assert {f["path"] for f in manifest["files"]} >= {"tiny-fp16.gguf", "Modelfile", "README.md"}
     card = (run_dir / "gguf" / "README.md").read_text()
     assert "not a medical device" in card and "see the base model card" in card and "Apache-2.0" in card

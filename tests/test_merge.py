@@ -18,11 +18,11 @@ from medtune.ui import UI
 PROMPTS = ["Which vitamin deficiency causes scurvy?", "Name one beta-blocker."]
 
 
-def make_config(run_dir: Path, base: Path, **merge_options) -> Config:
+def make_config(run_dir: Path, base: Path, chat: dict | None = None, **merge_options) -> Config:
     return Config.model_validate({
         "name": "tiny", "run_dir": str(run_dir), "base": {"model": str(base)},
         "data": {"path": str(run_dir / "unused.jsonl")}, "export": {"name": "tiny"},
-        "merge": {"check_prompts": PROMPTS, **merge_options},
+        "merge": {"check_prompts": PROMPTS, **merge_options}, "chat": chat or {},
     })
 
 
@@ -64,7 +64,7 @@ def test_merge_matches_base_plus_adapter_and_saves_everything(run_dir, tiny_base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    cfg = make_config(run_dir.root, tiny_base)
+    cfg = make_config(run_dir.root, tiny_base, chat={"temperature": 0.3, "top_p": 0.85, "max_tokens": 700})
     out = run_dir.root / "merged"
     out.mkdir()
     result = merge.run(cfg, run_dir, out, UI())
@@ -88,8 +88,12 @@ def test_merge_matches_base_plus_adapter_and_saves_everything(run_dir, tiny_base
     assert list(out.glob("*.safetensors"))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert (out / "chat_template.jinja").read_text() == smollm2_tokenizer.chat_template
-    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    generation = GenerationConfig.from_pretrained(out)
+    eos = generation.eos_token_id
     assert smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    # transformers' generate() samples with the run config's chat settings, as the Modelfile and `medtune chat` do
+    assert (generation.do_sample, generation.temperature, generation.top_p, generation.max_new_tokens) == (
+        True, 0.3, 0.85, 700)
 
 
 def test_merge_fails_above_tolerance(run_dir, tiny_base):

@@ -6,8 +6,11 @@ import datetime
 
 import pytest
 
+from medtune.config import ChatConfig
 from medtune.errors import MedtuneError
 from medtune.export import gotemplate, ollama
+
+CHAT = ChatConfig()
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful medical assistant. Answer briefly."},
@@ -66,7 +69,7 @@ def fill(modelfile_text: str, messages: list[dict[str, str]]) -> str:
 
 
 def test_chatml_modelfile_renders_like_the_hf_template(smollm2_tokenizer):
-    text, checked = ollama.modelfile(smollm2_tokenizer, "demo-Q4_K_M.gguf", "demo")
+    text, checked = ollama.modelfile(smollm2_tokenizer, "demo-Q4_K_M.gguf", "demo", CHAT)
     expected = smollm2_tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     assert fill(text, CONVERSATION) == expected
     assert expected.endswith("<|im_start|>user\nAnd which one causes rickets?<|im_end|>\n<|im_start|>assistant\n")
@@ -79,12 +82,19 @@ def test_chatml_modelfile_renders_like_the_hf_template(smollm2_tokenizer):
     lines = text.splitlines()
     assert "FROM ./demo-Q4_K_M.gguf" in lines
     assert 'PARAMETER stop "<|im_end|>"' in lines
-    assert "PARAMETER temperature 0.7" in lines and "PARAMETER top_p 0.9" in lines
+
+
+def test_the_modelfile_samples_with_the_run_config_chat_settings(smollm2_tokenizer):
+    chat = ChatConfig(temperature=0.3, top_p=0.85, max_tokens=700, n_ctx=2048)
+    text, _ = ollama.modelfile(smollm2_tokenizer, "demo-Q4_K_M.gguf", "demo", chat)
+    parameters = [line for line in text.splitlines() if line.startswith("PARAMETER") and "stop" not in line]
+    assert parameters == ["PARAMETER temperature 0.3", "PARAMETER top_p 0.85", "PARAMETER num_predict 700",
+                          "PARAMETER num_ctx 2048"]
 
 
 def test_llama3_modelfile_renders_like_the_hf_template(smollm2_dir):
     tokenizer = fresh_tokenizer(smollm2_dir, LLAMA3_TEMPLATE, llama3=True)
-    text, checked = ollama.modelfile(tokenizer, "m-Q4_K_M.gguf", "m")
+    text, checked = ollama.modelfile(tokenizer, "m-Q4_K_M.gguf", "m", CHAT)
     expected = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     assert expected.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge")
     # llama.cpp (and so Ollama) adds BOS as a token; the template text must not carry it a second time.
@@ -107,7 +117,7 @@ def test_an_unknown_chat_format_is_refused(smollm2_dir):
     gemma = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
     with pytest.raises(MedtuneError, match="neither ChatML .* nor Llama 3"):
-        ollama.modelfile(fresh_tokenizer(smollm2_dir, gemma), "m-Q4_K_M.gguf", "m")
+        ollama.modelfile(fresh_tokenizer(smollm2_dir, gemma), "m-Q4_K_M.gguf", "m", CHAT)
 
 
 def test_a_chatml_variant_it_cannot_express_is_refused_not_written_wrong(smollm2_dir):
@@ -115,7 +125,7 @@ def test_a_chatml_variant_it_cannot_express_is_refused_not_written_wrong(smollm2
     odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.index > 2 %}#{{ loop.index }} {% endif %}"
            "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(MedtuneError, match="renders a .*-message conversation differently .* not written"):
-        ollama.modelfile(fresh_tokenizer(smollm2_dir, odd), "m-Q4_K_M.gguf", "m")
+        ollama.modelfile(fresh_tokenizer(smollm2_dir, odd), "m-Q4_K_M.gguf", "m", CHAT)
 
 
 @pytest.mark.parametrize(("template", "data", "expected"), [

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from medtune import DISCLAIMER, __version__
 from medtune.errors import MedtuneError
+from medtune.sampling import MAX_TOKENS, N_CTX, TEMPERATURE, TOP_P
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help=f"Turn a small open chat model into a local medical reasoning model.\n\n{DISCLAIMER}")
@@ -240,10 +241,10 @@ def chat_command(
                                                 "'prompt', 'messages' or ReasonMed's 'instruction'")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Batch: the JSONL file of answers to write")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt")] = None,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply")] = 1024,
-    n_ctx: Annotated[int, typer.Option(min=1, help="Context size for GGUF models (tokens)")] = 4096,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = TEMPERATURE,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = TOP_P,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in one reply")] = MAX_TOKENS,
+    n_ctx: Annotated[int, typer.Option(min=1, help="Context size for GGUF models (tokens)")] = N_CTX,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for GGUF models (default: all cores)")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
 ) -> None:
@@ -252,8 +253,8 @@ def chat_command(
     Batch exits 1 when some lines could not be answered (each is reported as file:line).
     """
     _quiet_libraries()
+    from medtune.engines import open_engine
     from medtune.infer.chat import answer, batch, disclaimer_banner, interactive
-    from medtune.infer.engines import open_engine
 
     err_console.print(disclaimer_banner())
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
@@ -288,7 +289,7 @@ def serve_command(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one)")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="MEDTUNE_API_KEY", help="Require 'Authorization: Bearer "
                                                 "KEY' on every request but /health")] = None,
-    n_ctx: Annotated[int, typer.Option(min=1, help="Context size (tokens)")] = 4096,
+    n_ctx: Annotated[int, typer.Option(min=1, help="Context size (tokens)")] = N_CTX,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores)")] = None,
 ) -> None:
     """Serve a GGUF model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health."""

@@ -12,9 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtune import gguf_types, sampling
 from medtune.errors import MedtuneError
-
-GGUF_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 
 
 class Section(BaseModel):
@@ -126,19 +125,19 @@ class ExportConfig(Section):
     @field_validator("types")
     @classmethod
     def _known_types(cls, value: list[str]) -> list[str]:
-        unknown = [t for t in value if t not in GGUF_TYPES]
+        unknown = [t for t in value if t not in gguf_types.BY_NAME]
         if unknown:
-            raise ValueError(f"unknown GGUF type(s) {unknown}; choose from {list(GGUF_TYPES)}")
-        if "F16" not in value and "BF16" not in value:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; choose from {list(gguf_types.NAMES)}")
+        if not any(gguf_types.BY_NAME[t].is_float for t in value):
             raise ValueError("types must include F16 or BF16: every quantization starts from it")
         return value
 
 
 class ChatConfig(Section):
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_tokens: int = Field(1024, gt=0)
-    n_ctx: int = Field(4096, gt=0)
+    temperature: float = Field(sampling.TEMPERATURE, ge=0)
+    top_p: float = Field(sampling.TOP_P, gt=0, le=1)
+    max_tokens: int = Field(sampling.MAX_TOKENS, gt=0)
+    n_ctx: int = Field(sampling.N_CTX, gt=0)
 
 
 class BenchmarkConfig(Section):

@@ -112,7 +112,9 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     # Every end-of-turn id stops generation (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
     generation.eos_token_id = stop_token_ids(tokenizer)
     generation.pad_token_id = tokenizer.pad_token_id
+    # transformers' generate() then samples as `medtune chat` and the Modelfile do, from the run's `chat` settings.
     generation.do_sample, generation.temperature, generation.top_p = True, cfg.chat.temperature, cfg.chat.top_p
+    generation.max_new_tokens = cfg.chat.max_tokens
     generation.save_pretrained(out)
     _check_saved(out)
     ui.log(f"merge: max |logit| difference vs base + adapter {diff:.2e} (tolerance {tolerance}, {dtype}); the "

@@ -20,7 +20,7 @@ from medtune.answers import extract_letter
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
 from medtune.evaluate.prompts import multiple_choice_prompt
-from medtune.infer.engines import Engine
+from medtune.engines import Engine
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

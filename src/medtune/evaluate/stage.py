@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from medtune.artifacts import RunDir, atomic_write_json, fingerprint
-from medtune.config import GGUF_TYPES, Config
+from medtune.config import Config
+from medtune.engines import open_engine
 from medtune.errors import MedtuneError
 from medtune.evaluate.benchmarks import Item, load_benchmark, stratified_sample
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer
 from medtune.evaluate.report import overlap, overlap_warnings, results_table, write_report
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, Solver, evaluate_items
-from medtune.export.gguf import file_name
-from medtune.infer.engines import open_engine
+from medtune.gguf_types import NAMES, file_name
 from medtune.models import default_device, load_hf, package_file, resolve_base
 from medtune.ui import UI
 
@@ -42,7 +42,7 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
     `base` is the base as given (its GGUF file if it is one), or with `hf` its transformers form (a GGUF base is
     dequantized into a cached HF directory; a hub id stays a hub id).
     """
-    if ref in GGUF_TYPES:
+    if ref in NAMES:
         if ref not in cfg.export.types:
             raise MedtuneError(f"eval.models: {ref} is not among export.types {cfg.export.types}")
         return run_dir.require("gguf", "medtune export CONFIG") / file_name(cfg.export.name, ref)

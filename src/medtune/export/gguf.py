@@ -21,11 +21,6 @@ from pathlib import Path
 from medtune.errors import MedtuneError
 from medtune.models import cache_dir
 
-# What the file name says, mapped to llama.cpp's ftype names (LLAMA_FTYPE_MOSTLY_*).
-FTYPES = {
-    "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K_M", "Q5_K_S": "Q5_K_S",
-    "Q4_K_M": "Q4_K_M", "Q4_K_S": "Q4_K_S", "Q4_0": "Q4_0", "Q3_K_M": "Q3_K_M", "Q2_K": "Q2_K",
-}
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 
 
@@ -34,12 +29,6 @@ def llama_cpp_version() -> str:
         return importlib.metadata.version("llama-cpp-python")
     except importlib.metadata.PackageNotFoundError:
         raise MedtuneError("llama-cpp-python is not installed; run `make install`") from None
-
-
-def file_name(name: str, gguf_type: str) -> str:
-    """The seed's names: `<name>-fp16.gguf`, `<name>-Q4_K_M.gguf`, ..."""
-    suffix = {"F16": "fp16", "BF16": "bf16"}.get(gguf_type, gguf_type)
-    return f"{name}-{suffix}.gguf"
 
 
 def _download_sdist(version: str, dest: Path) -> Path:
@@ -98,7 +87,7 @@ def _quantize_in_process(source: str, target: str, gguf_type: str, threads: int)
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[gguf_type]}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     params.nthread = threads
     return llama_cpp.llama_model_quantize(source.encode(), target.encode(), params)
 

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from medtune import __version__
+from medtune.config import ChatConfig
 from medtune.errors import MedtuneError
 from medtune.export import gotemplate
 from medtune.models import stop_token_ids
 
-TEMPERATURE = 0.7  # the seed's sampling defaults
-TOP_P = 0.9
 PROBE_SYSTEM, PROBE_USER = "SYSTEM-PROBE-7", "USER-PROBE-3"
 PROBES: tuple[list[dict[str, str]], ...] = (
     [{"role": "user", "content": "Which organ produces insulin?"}],
@@ -150,9 +149,9 @@ def stop_tokens(tokenizer: Any, fmt_name: str) -> list[str]:
     return list(dict.fromkeys([*tokens, opener]))
 
 
-def modelfile(tokenizer: Any, gguf_file: str, name: str, temperature: float = TEMPERATURE,
-              top_p: float = TOP_P) -> tuple[str, dict[str, Any]]:
-    """The Modelfile text and a record of its checks (for the manifest)."""
+def modelfile(tokenizer: Any, gguf_file: str, name: str, chat: ChatConfig) -> tuple[str, dict[str, Any]]:
+    """The Modelfile text and a record of its checks (for the manifest); Ollama samples with the run's `chat`
+    settings, as `medtune chat` and the merged model's generation_config do."""
     template, checked = chat_template_for_ollama(tokenizer)
     if '"""' in template:
         raise MedtuneError('export: the chat template contains """, which a Modelfile TEMPLATE cannot hold')
@@ -173,8 +172,10 @@ def modelfile(tokenizer: Any, gguf_file: str, name: str, temperature: float = TE
         f"FROM ./{gguf_file}",
         f'TEMPLATE """{template}"""',
         *(f'PARAMETER stop "{token}"' for token in stops),
-        f"PARAMETER temperature {temperature}",
-        f"PARAMETER top_p {top_p}",
+        f"PARAMETER temperature {chat.temperature}",
+        f"PARAMETER top_p {chat.top_p}",
+        f"PARAMETER num_predict {chat.max_tokens}",
+        f"PARAMETER num_ctx {chat.n_ctx}",
         "",
     ]
     checked["stop"] = stops

@@ -300,7 +300,7 @@ def check_file(spec: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from medtune.infer.engines import LlamaCppEngine
+    from medtune.engines import LlamaCppEngine
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

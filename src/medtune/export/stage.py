@@ -18,11 +18,9 @@ from medtune.artifacts import RunDir, atomic_write_text
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.export import card, gguf, ollama, verify
+from medtune.gguf_types import TYPES, file_name, ollama_choice
 from medtune.models import end_of_turn_token, load_tokenizer
 from medtune.ui import UI
-
-FLOAT_TYPES = ("F16", "BF16")
-OLLAMA_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q4_0", "Q6_K", "Q8_0", "Q3_K_M", "Q2_K", "F16", "BF16")
 
 
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits | None = None) -> dict[str, Any]:
@@ -36,24 +34,24 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
     tokenizer = load_tokenizer(str(merged))
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
     name, types = cfg.export.name, cfg.export.types
-    floats = [t for t in FLOAT_TYPES if t in types]
+    floats = [t.name for t in TYPES if t.is_float and t.name in types]
     ordered = floats + [t for t in types if t not in floats]
     results: dict[str, Any] = {"llama_cpp_version": gguf.llama_cpp_version(), "medtune_version": __version__,
                                "files": {}}
 
     modelfile_text = None
     if cfg.export.ollama:  # before the long steps: an unsupported chat template fails in seconds
-        target = next(t for t in OLLAMA_PREFERENCE if t in types)
-        modelfile_text, results["ollama"] = ollama.modelfile(tokenizer, gguf.file_name(name, target), name)
+        target = file_name(name, ollama_choice(types))
+        modelfile_text, results["ollama"] = ollama.modelfile(tokenizer, target, name, cfg.chat)
 
     timings: dict[str, float] = {}
     for gguf_type in ordered:
-        path = out / gguf.file_name(name, gguf_type)
+        path = out / file_name(name, gguf_type)
         start = time.perf_counter()
         if gguf_type in floats:
             gguf.convert(merged, path, gguf_type.lower())
         else:
-            gguf.quantize(out / gguf.file_name(name, floats[0]), path, gguf_type)
+            gguf.quantize(out / file_name(name, floats[0]), path, gguf_type)
         timings[gguf_type] = round(time.perf_counter() - start, 2)
         ui.log(f"export: {path.name} ({timings[gguf_type]} s)")
 
@@ -61,7 +59,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
     warnings: list[str] = []
     reference_ppl = None
     for gguf_type in ordered:
-        path = out / gguf.file_name(name, gguf_type)
+        path = out / file_name(name, gguf_type)
         start = time.perf_counter()
         metadata = verify.check_metadata(path, gguf_type, tokenizer.chat_template, eot_id)
         parity = verify.run_parity(path, merged, cfg.export.check_prompt, limits.smoke_max_tokens,

@@ -20,26 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedtuneError
-
-# Type in the file name -> (the type most weights get, types llama.cpp's recipe uses for some tensors: the K-quant
-# mixes raise attn_v/ffn_down/output, and rows whose width is not a multiple of 256 fall back to legacy types).
-TENSOR_TYPES: dict[str, tuple[str, set[str]]] = {
-    "F16": ("F16", set()),
-    "BF16": ("BF16", set()),
-    "Q8_0": ("Q8_0", set()),
-    "Q6_K": ("Q6_K", {"Q8_0"}),
-    "Q5_K_M": ("Q5_K", {"Q6_K", "Q5_1", "Q8_0"}),
-    "Q5_K_S": ("Q5_K", {"Q6_K", "Q5_1", "Q8_0"}),
-    "Q4_K_M": ("Q4_K", {"Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}),
-    "Q4_K_S": ("Q4_K", {"Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}),
-    "Q4_0": ("Q4_0", {"Q4_1", "Q6_K", "Q8_0"}),
-    "Q3_K_M": ("Q3_K", {"Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}),
-    "Q2_K": ("Q2_K", {"Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}),
-}
-# Perplexity on the held-out text may rise this much (relative to the F16 file) before a quant counts as broken.
-# Sanity bounds, not quality claims: a 135M model loses ~6-10% at 4-5 bits, a broken file gains orders of magnitude.
-MAX_PPL_INCREASE = {"BF16": 0.01, "F16": 0.01, "Q8_0": 0.05, "Q6_K": 0.15, "Q5_K_M": 0.35, "Q5_K_S": 0.35,
-                    "Q4_K_M": 0.5, "Q4_K_S": 0.5, "Q4_0": 0.6, "Q3_K_M": 1.0, "Q2_K": 3.0}
+from medtune.gguf_types import BY_NAME, TYPES
 
 
 @dataclass(frozen=True)
@@ -47,7 +28,7 @@ class Limits:
     """What a file must achieve to pass; tests on random-weight models relax the ones only a trained model meets."""
 
     min_top1_agreement: float = 0.99  # F16/BF16 vs the HF model, over every position of the parity texts
-    max_ppl_increase: dict[str, float] = field(default_factory=lambda: dict(MAX_PPL_INCREASE))
+    max_ppl_increase: dict[str, float] = field(default_factory=lambda: {t.name: t.max_ppl_increase for t in TYPES})
     smoke_max_tokens: int = 512
     require_answer: bool = True  # the chat answer must be non-empty and end at the end-of-turn token in time
 
@@ -131,7 +112,7 @@ def check_metadata(path: Path, gguf_type: str, chat_template: str | None, eot_id
     header = read_header(path)
     histogram = Counter(kind for _, shape, kind in header.tensors if len(shape) > 1)
     vectors = Counter(kind for _, shape, kind in header.tensors if len(shape) <= 1)
-    main, alternatives = TENSOR_TYPES[gguf_type]
+    main, alternatives = BY_NAME[gguf_type].weights, BY_NAME[gguf_type].also
     expected_ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     fields = header.fields
     checks = {

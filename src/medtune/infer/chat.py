@@ -16,8 +16,8 @@ from rich.markup import escape
 from medtune import DISCLAIMER
 from medtune.answers import final_answer
 from medtune.artifacts import atomic_write_text
+from medtune.engines import ContextOverflow, Engine, Messages
 from medtune.errors import MedtuneError
-from medtune.infer.engines import ContextOverflow, Engine, Messages
 
 ROLES = ("system", "user", "assistant")
 HELP = "/reset clears the history, /system TEXT sets a system prompt, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer"

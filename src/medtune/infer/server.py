@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from medtune import DISCLAIMER, __version__
-from medtune.config import ChatConfig
+from medtune.engines import ContextOverflow, LlamaCppEngine, Messages
 from medtune.errors import MedtuneError
-from medtune.infer.engines import ContextOverflow, LlamaCppEngine, Messages
+from medtune.sampling import N_CTX, TEMPERATURE, TOP_P
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_SEQUENCES = 4
-# The chat section's sampling defaults, for requests that leave them out.
-DEFAULT_TEMPERATURE = ChatConfig.model_fields["temperature"].default
-DEFAULT_TOP_P = ChatConfig.model_fields["top_p"].default
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias")
 
@@ -124,8 +121,8 @@ def parse_chat_request(raw: bytes, model_id: str) -> tuple[Messages, dict[str, A
     max_tokens = _integer(body, "max_completion_tokens", 1)
     max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1)
     sampling = {
-        "temperature": _number(body, "temperature", 0, 2, DEFAULT_TEMPERATURE),
-        "top_p": _number(body, "top_p", 0, 1, DEFAULT_TOP_P),
+        "temperature": _number(body, "temperature", 0, 2, TEMPERATURE),
+        "top_p": _number(body, "top_p", 0, 1, TOP_P),
         "max_tokens": max_tokens,
         "stop": stop or [],
         "seed": _integer(body, "seed", 0),
@@ -313,7 +310,7 @@ def make_server(engine: LlamaCppEngine, host: str = "127.0.0.1", port: int = 800
         raise MedtuneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, n_ctx: int = 4096,
+def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, n_ctx: int = N_CTX,
           threads: int | None = None, log: Callable[[str], None] = print) -> None:
     """Load a GGUF file and answer OpenAI-style requests until Ctrl-C or SIGTERM."""
     if Path(model).suffix != ".gguf":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedtuneError
+from medtune.sampling import N_CTX
 
 Messages = list[dict[str, str]]
 
@@ -57,7 +58,7 @@ def llama_context_size(n_ctx: int) -> int:
 
 
 class LlamaCppEngine(Engine):
-    def __init__(self, path: str | Path, n_ctx: int = 4096, threads: int | None = None, seed: int = 0) -> None:
+    def __init__(self, path: str | Path, n_ctx: int = N_CTX, threads: int | None = None, seed: int = 0) -> None:
         from llama_cpp import Llama
 
         if not Path(path).is_file():
@@ -173,7 +174,7 @@ class HFEngine(Engine):
         self.finish_reason = "stop" if new and new[-1] in self.eos_ids else "length"
 
 
-def open_engine(path: str | Path, n_ctx: int = 4096, threads: int | None = None, seed: int = 0) -> Engine:
+def open_engine(path: str | Path, n_ctx: int = N_CTX, threads: int | None = None, seed: int = 0) -> Engine:
     """A GGUF file -> llama.cpp; a directory -> transformers."""
     path = Path(path)
     if path.suffix == ".gguf":
