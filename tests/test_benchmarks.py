@@ -254,9 +254,10 @@ def test_pubmedqa_fixture_keeps_only_test_ids(tmp_path):
     records = {"111": pqal("Does A help?", "yes"), "222": pqal("Does B harm?", "maybe"), "333": pqal("C?", "no")}
     ori = write_pubmedqa(tmp_path / "p", records, {"333": "no", "111": "yes"})
     assert load_pubmedqa(ori) == [
-        Item("333", "C?", {"A": "yes", "B": "no", "C": "maybe"}, "B", context="Background text.\n\nResults text."),
+        Item("333", "C?", {"A": "yes", "B": "no", "C": "maybe"}, "B", context="Background text.\n\nResults text.",
+             explanation="Conclusion."),
         Item("111", "Does A help?", {"A": "yes", "B": "no", "C": "maybe"}, "A",
-             context="Background text.\n\nResults text."),
+             context="Background text.\n\nResults text.", explanation="Conclusion."),
     ]
 
 
@@ -286,7 +287,7 @@ def test_pubmedqa_errors(tmp_path):
     labels = tmp_path / "labels.json"
     labels.write_text('{"111": "yes"}', encoding="utf-8")
     ori.write_text('{"111": {"QUESTION": "Q?",\n  "CONTEXTS": [}', encoding="utf-8")
-    with pytest.raises(MedtuneError, match=rf"^{ori}:2: malformed JSON"):
+    with pytest.raises(MedtuneError, match=rf"^{ori}:2: not valid JSON in element 0 \(Expecting value\)"):
         load_pubmedqa(ori, labels)
 
 

@@ -12,11 +12,11 @@ from medtune.data.sources import (
     SCHEMAS,
     Conversation,
     Rejection,
-    _iter_json_array,
     detect_schema,
     read_records,
 )
 from medtune.errors import MedtuneError
+from medtune.formats.files import _iter_json_array
 
 SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -235,7 +235,8 @@ def test_unknown_schema_names_and_bad_cap_are_refused(tmp_path):
         list(read_records(path, "alpaca"))
     with pytest.raises(MedtuneError, match="max_chars"):
         list(read_records(path, max_chars=0))
-    assert set(SCHEMAS) == {"reasonmed", "conversations", "messages", "sharegpt", "medical_o1"}
+    assert set(SCHEMAS) == {"reasonmed", "conversations", "messages", "sharegpt", "medical_o1", "multiple_choice",
+                            "medmcqa", "pubmedqa"}
 
 
 # ---- JSON arrays ----
@@ -278,7 +279,7 @@ def test_array_elements_split_across_chunks(tmp_path, chunk_bytes):
     values = [12345, -0.5e-3, True, None, "é€𝄞 and \"quotes\" \\u", {"k": [1, 2.5, "ü"]}, [], {}, 987654321]
     path = tmp_path / "a.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(values, ensure_ascii=False, indent=1).encode("utf-8"))
-    assert [obj for _, obj, _ in _iter_json_array(path, chunk_bytes)] == values
+    assert [record.value for record in _iter_json_array(path, chunk_bytes)] == values
 
 
 def summary(item: Conversation | Rejection) -> tuple | str:
@@ -380,7 +381,7 @@ def test_check_file_raises_for_unreadable_files(tmp_path):
     blank.write_text("\n\n", encoding="utf-8")
     truncated = tmp_path / "t.json"
     truncated.write_text(json.dumps([GOOD, GOOD])[:-5], encoding="utf-8")
-    for path, message in [(blank, "no records"), (truncated, "truncated"), (tmp_path / "none.json", "not a file")]:
+    for path, message in [(blank, "no records"), (truncated, "truncated"), (tmp_path / "none.json", "file not found")]:
         with pytest.raises(MedtuneError, match=message) as info:
             check_file(path)
         assert info.value.exit_code == 2

@@ -30,11 +30,12 @@ class BaseModelConfig(Section):
 class DataConfig(Section):
     path: Path | None = None
     dataset: str | None = None  # hub dataset id, e.g. lingshu-medical-mllm/ReasonMed
-    data_file: str | None = None  # file inside the hub dataset, e.g. ReasonMed.json
+    data_file: str | None = None  # one file inside the hub dataset, e.g. ReasonMed.json; unset: stream a split
+    config: str | None = None  # the dataset's configuration (subset), as the `datasets` library names it
+    split: str = "train"  # the split streamed when data_file is unset
     revision: str | None = None
-    schema_: Literal["auto", "reasonmed", "conversations", "messages", "sharegpt", "medical_o1"] = Field(
-        "auto", alias="schema"
-    )
+    schema_: Literal["auto", "reasonmed", "conversations", "messages", "sharegpt", "medical_o1",
+                     "multiple_choice", "medmcqa", "pubmedqa"] = Field("auto", alias="schema")
     strict: bool = False  # fail on any rejected record instead of skipping it
     system_prompt: str | None = None
     max_len: int = Field(512, gt=16)
@@ -53,8 +54,8 @@ class DataConfig(Section):
     def _one_source(self) -> DataConfig:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("set exactly one of data.path (a local file) or data.dataset (a hub dataset id)")
-        if self.dataset is not None and self.data_file is None:
-            raise ValueError("data.data_file is required with data.dataset (e.g. ReasonMed.json)")
+        if self.dataset is None and (self.data_file is not None or self.config is not None):
+            raise ValueError("data.data_file and data.config name parts of a hub dataset: set data.dataset too")
         return self
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from medtune.artifacts import atomic_write_json
 from medtune.errors import MedtuneError
+from medtune.hub import check_hub_access, offline
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,37 +71,6 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     return target
 
 
-def check_hub_access(model_id: str, revision: str | None, repo_type: str = "model") -> None:
-    """Fail fast, before any long step, when a gated or missing hub repo can't be read."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        HfApi().repo_info(model_id, revision=revision, repo_type=repo_type)
-    except GatedRepoError:
-        raise MedtuneError(
-            f"{model_id} is gated: accept its licence at https://huggingface.co/{model_id} with your account, "
-            "then run `hf auth login` (or set HF_TOKEN) and start again"
-        ) from None
-    except RepositoryNotFoundError:
-        raise MedtuneError(
-            f"{model_id}: not found on the hub, or private and no valid token is set (`hf auth login` / HF_TOKEN)"
-        ) from None
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise MedtuneError(
-                f"{model_id}: the hub refused access (HTTP {status}); accept the licence at "
-                f"https://huggingface.co/{model_id} and log in with `hf auth login` (or set HF_TOKEN)"
-            ) from None
-        raise MedtuneError(f"{model_id}: hub request failed ({exc}); check the network or use a local path") from None
-    except OSError as exc:  # offline: from_pretrained may still find it in the local HF cache
-        if os.environ.get("HF_HUB_OFFLINE") != "1":
-            raise MedtuneError(
-                f"{model_id}: cannot reach the hub ({exc}); set HF_HUB_OFFLINE=1 to use the cache"
-            ) from None
-
-
 def resolve_base(spec: str, revision: str | None = None) -> str:
     """Turn `base.model` into a path or hub id that `from_pretrained` loads directly."""
     if spec.startswith("pkg:"):
@@ -115,8 +85,7 @@ def resolve_base(spec: str, revision: str | None = None) -> str:
             raise MedtuneError(f"base.model: {path} has no config.json; point it at a Hugging Face model directory")
         return str(path)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        if os.environ.get("HF_HUB_OFFLINE") != "1":
-            check_hub_access(spec, revision)
+        check_hub_access(spec, revision)  # skipped with HF_HUB_OFFLINE=1: the cache is read
         return spec
     raise MedtuneError(f"base.model {spec!r}: not a local directory, GGUF file, pkg: spec or hub id (owner/name)")
 
@@ -152,10 +121,26 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     raise MedtuneError("the tokenizer has no pad token distinct from its end-of-turn token")
 
 
+def _from_hub(base: str, load: Any, what: str) -> Any:
+    """`load()` for a hub id, with a cold cache offline or a hub that can't be reached as one line."""
+    if Path(base).exists():
+        return load()
+    try:
+        return load()
+    except OSError as exc:
+        if offline():
+            raise MedtuneError(f"base.model {base}: its {what} is not in the local Hugging Face cache and "
+                               "HF_HUB_OFFLINE=1 forbids downloading it; run once with network, or point base.model "
+                               "at a local model directory") from None
+        raise MedtuneError(f"base.model {base}: could not load its {what} ({str(exc).strip().splitlines()[0]}); "
+                           "use a local model directory instead, or a warm cache with HF_HUB_OFFLINE=1, or a mirror "
+                           "through HF_ENDPOINT") from None
+
+
 def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = _from_hub(base, lambda: AutoTokenizer.from_pretrained(base), "tokenizer")
     if not tokenizer.chat_template:
         raise MedtuneError(f"{base}: the tokenizer has no chat template; use an instruct/chat model")
     ensure_pad_token(tokenizer)
@@ -166,7 +151,8 @@ def load_model(base: str, dtype: Any = None, device: str = "cpu", attention: str
     from transformers import AutoModelForCausalLM
 
     extra = {} if attention == "auto" else {"attn_implementation": attention}
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32", **extra)
+    model = _from_hub(base, lambda: AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "float32", **extra),
+                      "weights")
     return model.to(device)
 
 

@@ -91,6 +91,12 @@ def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, A
 def run_all(cfg: Config, run_dir: RunDir, ui: UI, force: bool = False) -> dict[str, str]:
     """Every stage in order; returns {stage: "ran" | "up to date"}."""
     status = {}
+    if first_process() and any(stage.name == "export" and (force or not run_dir.is_current(
+            stage.folder, stage_fingerprint(stage, cfg, run_dir))) for stage in STAGES):
+        from medtune.export.gguf import converter_dir
+
+        # The converter comes from the package index on first use: a missing network shows now, not after training.
+        converter_dir()
     for stage in STAGES:
         if not force and run_dir.is_current(stage.folder, stage_fingerprint(stage, cfg, run_dir)):
             status[stage.name] = "up to date"

@@ -34,8 +34,9 @@ from medtune.data import lengths as length_policy
 from medtune.contamination import ContaminationGuard, question_stem
 from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.packing import efficiency, pack
-from medtune.data.sources import Conversation, Rejection, hub_data_file, read_records
+from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
 from medtune.errors import MedtuneError
+from medtune.hub import hub_file
 from medtune.models import load_tokenizer, resolve_base
 from medtune.ui import UI
 
@@ -45,7 +46,18 @@ BATCH = 512
 def data_path(cfg: Config) -> Path:
     if cfg.data.path is not None:
         return cfg.data.path
-    return hub_data_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision)
+    return Path(hub_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision))
+
+
+def read_source(cfg: Config) -> tuple[str, Iterator[Conversation | Rejection]]:
+    """What the data stage reads (a file, or one split of a hub dataset streamed when data.data_file is unset) and
+    its records; a hub dataset that can't be reached or read is one error now, before any long step."""
+    dc = cfg.data
+    if dc.dataset is not None and dc.data_file is None:
+        records = read_hub_records(dc.dataset, dc.config, dc.split, dc.revision, dc.schema_, dc.max_chars)
+        return f"{dc.dataset}{'/' + dc.config if dc.config else ''}:{dc.split}", records
+    source = data_path(cfg)
+    return str(source), read_records(source, dc.schema_, dc.max_chars)
 
 
 def _as_numpy(buffer: array, dtype: type) -> np.ndarray:
@@ -108,7 +120,7 @@ def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
 def contamination_guard(cfg: Config) -> ContaminationGuard | None:
     if cfg.data.contamination == "ignore" or not cfg.eval.benchmarks:
         return None
-    from medtune.evaluate.benchmarks import load_benchmark
+    from medtune.formats.benchmarks import load_benchmark
 
     return ContaminationGuard({b.name: [(i.id, i.question) for i in load_benchmark(b.kind, b.path)]
                                for b in cfg.eval.benchmarks})
@@ -130,7 +142,7 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     """Prepare the data into `out` (an empty folder); return the report."""
     dc = cfg.data
-    source = data_path(cfg)
+    source, records = read_source(cfg)
     tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision))
     formatter = ChatFormatter(tokenizer, dc.system_prompt)
     guard = contamination_guard(cfg)
@@ -139,7 +151,6 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     contaminated: list[dict[str, Any]] = []
     lengths: list[int] = []
     counts = Counter()
-    records = read_records(source, dc.schema_, dc.max_chars)
     if dc.limit is not None:
         records = islice(records, dc.limit)
 

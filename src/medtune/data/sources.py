@@ -3,9 +3,9 @@
 Every record read ends up either as a `Conversation` or as a `Rejection` with its location and reason, so the
 counts in the data report always add up.
 
-Files: JSON Lines (location `file:line`; blank lines are not records), a JSON array (streamed element by element so
-memory stays bounded; location `file[index]`), or Parquet (`.parquet`, read in record batches with pyarrow; location
-`file[row]`). A UTF-8 byte-order mark and CRLF line ends are accepted.
+Files are read by `medtune.formats.files`: JSON Lines (location `file:line`), a JSON array (`file[index]`), a JSON
+object of records keyed by id (`file:line (key)`) or Parquet (`file[row]`), each plain or compressed with gzip,
+bzip2, xz or zstd. A hub dataset's split is streamed row by row (`dataset:split[row]`).
 
 Schemas (`schema="auto"` detects each record on its own, so one file may mix them; naming one parses every record
 as that schema):
@@ -22,9 +22,17 @@ as that schema):
   headings are what tells the reasoning apart from the final answer, and a model tuned on them can be read by tools
   that split on them.
 
+- `multiple_choice` (MedQA, AfriMed-QA: `question`, `options`, `answer_idx`), `medmcqa` (`opa`..`opd`, `cop`,
+  `exp`) and `pubmedqa` (`QUESTION`, `CONTEXTS`, `final_decision`, `LONG_ANSWER`): read by the same readers as the
+  evaluation benchmarks (`medtune.formats.choice`) and rendered as ReasonMed records: the question with its lettered
+  options (and PubMedQA's abstract as the input), answered by the explanation when the record has one and always a
+  final line "The answer is X.".
+
 Auto-detection looks at the keys with a non-null value first (then at null ones), in this order: `messages`;
-`conversations` (ShareGPT when its first turn has `from` or `value`); any of `Question`, `Complex_CoT`, `Response`
-(medical_o1); `instruction` or `output` (reasonmed). A record with none of them is rejected as "unknown schema".
+`conversations` (ShareGPT when its first turn has `from` or `value`); any of
+`Question`, `Complex_CoT`, `Response` (medical_o1); `instruction` or `output` (reasonmed); then `question` with
+`options` (multiple_choice) or `opa` (medmcqa), `QUESTION` with `CONTEXTS` or `final_decision` (pubmedqa). A record
+with none of them is rejected as "unknown schema".
 
 Turn-based records: roles are normalised to system/user/assistant (`human` -> user, `gpt` -> assistant, case
 ignored); any other role is rejected. Turns are numbered from 1 in rejection details ("turn 3"); the reason itself
@@ -40,18 +48,19 @@ a 16-byte BLAKE2b digest of the canonical messages.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from medtune.errors import MedtuneError
+from medtune.formats import choice
+from medtune.formats.files import RawRecord, check_text_file, iter_raw_records
+from medtune.hub import stream_dataset
 
-SCHEMAS = ("reasonmed", "conversations", "messages", "sharegpt", "medical_o1")
+SCHEMAS = ("reasonmed", "conversations", "messages", "sharegpt", "medical_o1", *choice.FORMATS)
 DEFAULT_MAX_CHARS = 200_000
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 MEDICAL_O1_REPLY = "## Thinking\n\n{cot}\n\n## Final Response\n\n{response}"
@@ -63,15 +72,6 @@ SCHEMA_MARKERS = (
     ("medical_o1", frozenset({"Question", "Complex_CoT", "Response"})),
     ("reasonmed", frozenset({"instruction", "output"})),
 )
-
-BOM = b"\xef\xbb\xbf"
-JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-CHUNK_BYTES = 1 << 20
-# A JSON array element that does not parse within this many characters is malformed (or absurd): stop there
-# instead of reading the rest of the file into memory looking for its end.
-MAX_ELEMENT_CHARS = 64 << 20
-PARQUET_BATCH_ROWS = 1024
-
 
 @dataclass(frozen=True)
 class Conversation:
@@ -98,168 +98,11 @@ class _BadRecord(Exception):
         self.detail = detail
 
 
-def hub_data_file(dataset: str, filename: str, revision: str | None) -> Path:
-    """Download (or reuse from the HF cache) one file of a hub dataset, e.g. ReasonMed.json."""
-    from huggingface_hub import hf_hub_download
-
-    from medtune.models import check_hub_access
-
-    check_hub_access(dataset, revision, repo_type="dataset")
-    return Path(hf_hub_download(dataset, filename, repo_type="dataset", revision=revision))
-
-
-# ---- raw records: (location, parsed object or None, "reason|detail" or None) ----
-
-RawRecord = tuple[str, Any, str | None]
-
-
-def _iter_raw(path: Path) -> Iterator[RawRecord]:
-    """Every record in a JSON array, JSONL or Parquet file; problems with the whole file raise MedtuneError."""
-    if not path.is_file():
-        raise MedtuneError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise MedtuneError(f"{path}: the file is empty")
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    if path.suffix.lower() == ".parquet" or head.startswith(b"PAR1"):
-        yield from _iter_parquet(path)
-    elif head.removeprefix(BOM).lstrip().startswith(b"["):
-        yield from _iter_json_array(path)
-    else:
-        yield from _iter_jsonl(path)
-
-
-def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            location = f"{path.name}:{lineno}"
-            if lineno == 1:
-                raw = raw.removeprefix(BOM)
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                yield location, None, f"not UTF-8|{exc.reason} at byte {exc.start}"
-                continue
-            if not line:
-                continue  # blank lines are not records
-            try:
-                yield location, json.loads(line), None
-            except json.JSONDecodeError as exc:
-                yield location, None, f"malformed JSON|{exc.msg} at column {exc.colno}"
-
-
-class _TextWindow:
-    """The not yet parsed text of a UTF-8 file: a window that grows at its end and drops what was consumed."""
-
-    def __init__(self, fh: BinaryIO, path: Path, chunk_bytes: int) -> None:
-        self.fh = fh
-        self.path = path
-        self.chunk_bytes = chunk_bytes
-        self.text = ""
-        self.pos = 0  # the next character to parse
-        self.line = 1  # line number of text[0]
-        self.eof = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._bytes_fed = 0
-
-    def read_more(self, n_bytes: int) -> None:
-        data = self.fh.read(n_bytes)
-        if self._bytes_fed == 0 and data.startswith(BOM):
-            data = data[len(BOM):]
-            self._bytes_fed = len(BOM)
-        pending = len(self._decoder.getstate()[0])
-        try:
-            new = self._decoder.decode(data, final=not data)
-        except UnicodeDecodeError as exc:
-            at = self._bytes_fed - pending + exc.start
-            raise MedtuneError(f"{self.path}: not UTF-8 ({exc.reason} at byte {at})") from None
-        self._bytes_fed += len(data)
-        self.eof = not data
-        self.line += self.text.count("\n", 0, self.pos)
-        self.text = self.text[self.pos:] + new
-        self.pos = 0
-
-    def current_line(self) -> int:
-        return self.line + self.text.count("\n", 0, self.pos)
-
-    def next_char(self) -> str:
-        """Skip whitespace; the next character (not consumed), or "" at the end of the file."""
-        while True:
-            self.pos = JSON_WHITESPACE.match(self.text, self.pos).end()
-            if self.pos < len(self.text):
-                return self.text[self.pos]
-            if self.eof:
-                return ""
-            self.read_more(self.chunk_bytes)
-
-    def value(self, decoder: json.JSONDecoder, index: int) -> Any:
-        """Parse the JSON value at the current position, reading more of the file until it is complete."""
-        while True:
-            try:
-                obj, end = decoder.raw_decode(self.text, self.pos)
-                # A value ending right at the window's end may be cut (a number, say): only trust it with more after.
-                if end < len(self.text) or self.eof:
-                    self.pos = end
-                    return obj
-            except json.JSONDecodeError as exc:
-                if self.eof:
-                    raise MedtuneError(
-                        f"{self.path}:{self.line + exc.lineno - 1}: not valid JSON in element {index} ({exc.msg}); "
-                        "is the array truncated?"
-                    ) from None
-                if len(self.text) - self.pos > MAX_ELEMENT_CHARS:
-                    raise MedtuneError(
-                        f"{self.path}:{self.current_line()}: element {index} does not parse within "
-                        f"{MAX_ELEMENT_CHARS:,} characters ({exc.msg}): not valid JSON, or far too long for a record"
-                    ) from None
-            # Grow geometrically so a large element is re-parsed only a few times.
-            self.read_more(max(self.chunk_bytes, len(self.text) - self.pos))
-
-
-def _iter_json_array(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[RawRecord]:
-    """The elements of a top-level JSON array, holding about one chunk plus one element in memory."""
-    decoder = json.JSONDecoder()
-    with open(path, "rb") as fh:
-        window = _TextWindow(fh, path, chunk_bytes)
-        if window.next_char() != "[":
-            raise MedtuneError(f"{path}: not a JSON array")
-        window.pos += 1
-        index = 0
-        char = window.next_char()
-        while char != "]":
-            if char == "":
-                raise MedtuneError(f"{path}: the JSON array ends without ']' after {index} elements; is it truncated?")
-            yield f"{path.name}[{index}]", window.value(decoder, index), None
-            index += 1
-            char = window.next_char()
-            if char == ",":
-                window.pos += 1
-                char = window.next_char()
-                if char in ("]", ""):
-                    raise MedtuneError(f"{path}:{window.current_line()}: not valid JSON (a value must follow ',' "
-                                       f"after element {index - 1}); is the array truncated?")
-            elif char not in ("]", ""):
-                raise MedtuneError(f"{path}:{window.current_line()}: not valid JSON (expected ',' or ']' after "
-                                   f"element {index - 1}, got {char!r})")
-        window.pos += 1
-        if window.next_char() != "":
-            raise MedtuneError(f"{path}:{window.current_line()}: not valid JSON (extra data after the array's ']')")
-
-
-def _iter_parquet(path: Path) -> Iterator[RawRecord]:
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise MedtuneError(f"{path}: reading Parquet files needs pyarrow: pip install pyarrow") from None
-    try:
-        index = 0
-        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                yield f"{path.name}[{index}]", row, None
-                index += 1
-    except (pyarrow.ArrowException, OSError) as exc:
-        raise MedtuneError(f"{path}: not a readable Parquet file ({exc})") from None
+def _iter_raw(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """(location, parsed object or None, "reason|detail" or None) for every record of a file (see
+    `medtune.formats.files.iter_raw_records`, which also gives each record's key)."""
+    for location, value, error, _ in iter_raw_records(path):
+        yield location, value, error
 
 
 # ---- schemas: a record (dict) -> messages, or _BadRecord ----
@@ -339,7 +182,10 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
 
 
 def detect_schema(obj: dict[str, Any]) -> str | None:
-    """The schema a record follows, judged by its keys (those with a non-null value first), or None."""
+    """The schema a record follows, judged by its keys (those with a non-null value first), or None.
+
+    Multiple-choice records (`medtune.formats.choice`) are tried last, so a record that also carries a chat
+    schema's keys (HuatuoGPT-o1's demo data has both) is read as the chat schema."""
     for keys in ({k for k, v in obj.items() if v is not None}, obj.keys()):
         for schema, markers in SCHEMA_MARKERS:
             if markers.isdisjoint(keys):
@@ -350,7 +196,7 @@ def detect_schema(obj: dict[str, Any]) -> str | None:
                 if isinstance(first, dict) and ("from" in first or "value" in first):
                     return "sharegpt"
             return schema
-    return None
+    return choice.detect_format(obj)
 
 
 def _describe_keys(obj: dict[str, Any]) -> str:
@@ -368,38 +214,102 @@ def _digest(messages: Messages) -> bytes:
 def read_records(
     path: Path, schema: str = "auto", max_chars: int = DEFAULT_MAX_CHARS
 ) -> Iterator[Conversation | Rejection]:
-    """Every record of `path` as a Conversation or a Rejection; exact duplicates are rejected after the first."""
+    """Every record of `path` (any layout or compression `medtune.formats.files` reads) as a Conversation or a
+    Rejection; exact duplicates are rejected after the first. A missing, empty or binary file is an error at once."""
+    check_text_file(path)
+    return records_from(iter_raw_records(path), schema, max_chars)
+
+
+def read_hub_records(dataset: str, config: str | None, split: str, revision: str | None, schema: str = "auto",
+                     max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Conversation | Rejection]:
+    """The rows of one split of a hub dataset, streamed, as Conversations and Rejections (location `id:split[row]`).
+
+    Access (gated, private, no network) and the split and config names are checked now, before any long step.
+    """
+    rows = stream_dataset(dataset, config, split, revision)
+    label = f"{dataset}{'/' + config if config else ''}:{split}"
+    raw = (RawRecord(f"{label}[{index}]", row, None, str(index)) for index, row in enumerate(rows))
+    return records_from(raw, schema, max_chars)
+
+
+def records_from(
+    raw: Iterable[RawRecord], schema: str = "auto", max_chars: int = DEFAULT_MAX_CHARS
+) -> Iterator[Conversation | Rejection]:
+    """Conversations and Rejections from raw records, in their order.
+
+    MedMCQA rows whose `cop` is 1-3 are held (with every record after them, to keep the order) until a row with cop
+    0 or 4 tells the source's base; rows still held at the end are rejected, since their answers can't be read.
+    """
     if schema not in ("auto", *SCHEMAS):
         names = ", ".join(repr(s) for s in ("auto", *SCHEMAS))
         raise MedtuneError(f"data.schema {schema!r}: supported schemas are {names}")
     if max_chars <= 0:
         raise MedtuneError(f"max_chars must be > 0, got {max_chars}")
     seen: set[bytes] = set()
-    for location, obj, error in _iter_raw(path):
-        if error is not None:
-            reason, _, detail = error.partition("|")
-            yield Rejection(location, reason, detail)
+    cop_base: int | None = None
+    held: list[RawRecord] = []
+    for record in raw:
+        record_schema = _schema_of(record, schema)
+        if record_schema == "medmcqa" and cop_base is None:
+            cop = record.value.get("cop")
+            cop_base = {0: 0, 4: 1}.get(cop) if isinstance(cop, int) and not isinstance(cop, bool) else None
+            if cop_base is None:
+                held.append(record)
+                continue
+        if held and cop_base is None:
+            held.append(record)
             continue
-        if not isinstance(obj, dict):
-            yield Rejection(location, "record is not a JSON object", type(obj).__name__)
-            continue
-        record_schema = detect_schema(obj) if schema == "auto" else schema
-        if record_schema is None:
-            yield Rejection(location, "unknown schema", _describe_keys(obj))
-            continue
-        try:
-            messages = PARSERS[record_schema](obj)
-        except _BadRecord as bad:
-            yield Rejection(location, bad.reason, bad.detail, record_schema)
-            continue
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > max_chars:
-            yield Rejection(location, "record too long", f"{chars:,} characters, the cap is {max_chars:,}",
-                            record_schema)
-            continue
-        digest = _digest(messages)
-        if digest in seen:
-            yield Rejection(location, "exact duplicate of an earlier record", "", record_schema)
-            continue
-        seen.add(digest)
-        yield Conversation(location, messages, record_schema)
+        for waiting in [*held, record]:
+            yield _outcome(waiting, _schema_of(waiting, schema), cop_base, max_chars, seen)
+        held = []
+    for waiting in held:
+        yield _outcome(waiting, _schema_of(waiting, schema), None, max_chars, seen)
+
+
+def _schema_of(record: RawRecord, schema: str) -> str | None:
+    if record.error is not None or not isinstance(record.value, dict):
+        return None
+    return detect_schema(record.value) if schema == "auto" else schema
+
+
+def _messages(obj: dict[str, Any], key: str, record_schema: str, cop_base: int | None) -> Messages:
+    if record_schema not in choice.FORMATS:
+        return PARSERS[record_schema](obj)
+    try:
+        if record_schema == "multiple_choice":
+            item = choice.multiple_choice_item(obj, key)
+        elif record_schema == "pubmedqa":
+            item = choice.pubmedqa_item(obj, key)
+        else:
+            item, cop = choice.medmcqa_item(obj, key)
+            if cop_base is None:
+                raise _BadRecord("MedMCQA 'cop' base unknown", "every row of the source has cop 1-3, so 0-3 (hub) and "
+                                 "1-4 (original release) can't be told apart; give the answers as letters instead")
+            item = choice.with_cop(item, cop, cop_base)
+    except choice.BadItem as bad:
+        raise _BadRecord(bad.reason, bad.message if bad.message != bad.reason else "") from None
+    return _reasonmed(choice.reasonmed_record(item))
+
+
+def _outcome(record: RawRecord, record_schema: str | None, cop_base: int | None, max_chars: int,
+             seen: set[bytes]) -> Conversation | Rejection:
+    location, obj, error, key = record
+    if error is not None:
+        reason, _, detail = error.partition("|")
+        return Rejection(location, reason, detail)
+    if not isinstance(obj, dict):
+        return Rejection(location, "record is not a JSON object", type(obj).__name__)
+    if record_schema is None:
+        return Rejection(location, "unknown schema", _describe_keys(obj))
+    try:
+        messages = _messages(obj, key, record_schema, cop_base)
+    except _BadRecord as bad:
+        return Rejection(location, bad.reason, bad.detail, record_schema)
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > max_chars:
+        return Rejection(location, "record too long", f"{chars:,} characters, the cap is {max_chars:,}", record_schema)
+    digest = _digest(messages)
+    if digest in seen:
+        return Rejection(location, "exact duplicate of an earlier record", "", record_schema)
+    seen.add(digest)
+    return Conversation(location, messages, record_schema)

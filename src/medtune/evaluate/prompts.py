@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from medtune.evaluate.benchmarks import Item
-
-INSTRUCTION = "Please answer the following multiple-choice question:\n"
+from medtune.formats.choice import Item, question_prompt
 
 
 def multiple_choice_prompt(item: Item) -> str:
     """Question and lettered options; a context (PubMedQA's abstract) follows after a blank line, as the `input`
-    of a ReasonMed record does in training."""
-    options = "\n".join(f"{letter}. {text}" for letter, text in item.options.items())
-    prompt = f"{INSTRUCTION}{item.question}\n{options}"
-    return f"{prompt}\n\n{item.context}" if item.context else prompt
+    of a ReasonMed record does in training (the same text `medtune.formats.choice.reasonmed_record` trains on)."""
+    return question_prompt(item)

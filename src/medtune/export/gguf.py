@@ -32,15 +32,18 @@ def llama_cpp_version() -> str:
 
 
 def _download_sdist(version: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           f"llama-cpp-python=={version}", "-d", str(dest)]
+    # Few retries: without a network pip's defaults wait minutes before saying so.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "--retries", "1",
+           "--timeout", "30", f"llama-cpp-python=={version}", "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(f"llama_cpp_python-{version}.tar.gz"))
     if proc.returncode != 0 or not found:
+        errors = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
         raise MedtuneError(
-            f"could not fetch the llama-cpp-python {version} source archive from PyPI (it carries the GGUF converter): "
-            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no archive'}; "
-            "set MEDTUNE_LLAMA_CPP_SDIST to a local copy of the archive"
+            f"export: could not fetch the llama-cpp-python {version} source archive (it carries the GGUF converter) "
+            f"from the package index with `pip download` ({errors[-1] if errors else 'no archive'}); set "
+            f"MEDTUNE_LLAMA_CPP_SDIST to a local copy of llama_cpp_python-{version}.tar.gz, or point pip at a "
+            "reachable mirror (PIP_INDEX_URL)"
         )
     return found[0]
 
