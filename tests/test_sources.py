@@ -235,8 +235,8 @@ def test_unknown_schema_names_and_bad_cap_are_refused(tmp_path):
         list(read_records(path, "alpaca"))
     with pytest.raises(MedtuneError, match="max_chars"):
         list(read_records(path, max_chars=0))
-    assert set(SCHEMAS) == {"reasonmed", "conversations", "messages", "sharegpt", "medical_o1", "multiple_choice",
-                            "medmcqa", "pubmedqa"}
+    assert set(SCHEMAS) == {"reasonmed", "conversations", "messages", "sharegpt", "medical_o1", "pairs",
+                            "multiple_choice", "medmcqa", "pubmedqa"}
 
 
 # ---- JSON arrays ----
@@ -357,6 +357,7 @@ def test_check_file_counts_add_up_and_show_examples(tmp_path):
     report = check_file(path)
     assert report == {
         "path": str(path),
+        "record_kind": "conversations",
         "records": 10,
         "usable": 2,
         "rejected": 8,

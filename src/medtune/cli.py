@@ -96,7 +96,7 @@ def data_command(
     path: Annotated[Path | None, typer.Argument(help="With `check`: the data file to validate")] = None,
     set_: SetOpt = None,
     schema: Annotated[str, typer.Option(help="Record schema: auto, reasonmed, conversations, messages, "
-                                             "sharegpt, medical_o1")] = "auto",
+                                             "sharegpt, medical_o1, pairs")] = "auto",
     strict: Annotated[bool, typer.Option(help="Prepare: fail on any rejected record instead of skipping it")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Check: print the report as JSON")] = False,
 ) -> None:

@@ -34,7 +34,7 @@ class DataConfig(Section):
     config: str | None = None  # the dataset's configuration (subset), as the `datasets` library names it
     split: str = "train"  # the split streamed when data_file is unset
     revision: str | None = None
-    schema_: Literal["auto", "reasonmed", "conversations", "messages", "sharegpt", "medical_o1",
+    schema_: Literal["auto", "reasonmed", "conversations", "messages", "sharegpt", "medical_o1", "pairs",
                      "multiple_choice", "medmcqa", "pubmedqa"] = Field("auto", alias="schema")
     strict: bool = False  # fail on any rejected record instead of skipping it
     system_prompt: str | None = None

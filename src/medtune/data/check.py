@@ -1,7 +1,9 @@
 """Checking a training data file without preparing it: how many records are usable, and why the others are not.
 
 `check_file` reads every record with the same reader the data stage uses, so its verdict is the stage's verdict
-(before tokenization: the data stage may still drop records longer than data.max_len tokens).
+(before tokenization: the data stage may still drop records longer than data.max_len tokens). A file whose first
+record is a preference pair (or `schema="pairs"`) is checked as a DPO/ORPO run reads it, in pairs; else as an SFT
+run reads it, in conversations.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from medtune.data.pairs import Pair, file_record_kind, read_pairs
 from medtune.data.sources import DEFAULT_MAX_CHARS, Conversation, read_records
 from medtune.errors import MedtuneError
 
@@ -21,17 +24,20 @@ def check_file(path: Path, schema: str = "auto", max_chars: int = DEFAULT_MAX_CH
 
     `schemas` counts every record whose schema is known (usable or rejected); records that are not JSON objects,
     not parseable or of no known schema are in no schema's count. Raises MedtuneError (exit code 2) when the file
-    cannot be read at all, or holds no record.
+    cannot be read at all, or holds no record. `record_kind` is "pairs" or "conversations".
     """
+    kind = "pairs" if schema == "pairs" or (schema == "auto" and file_record_kind(path) == "pairs") else \
+        "conversations"
+    items = read_pairs(path, max_chars) if kind == "pairs" else read_records(path, schema, max_chars)
     records = usable = 0
     by_reason: Counter[str] = Counter()
     schemas: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
-    for item in read_records(path, schema, max_chars):
+    for item in items:
         records += 1
         if item.schema:
             schemas[item.schema] += 1
-        if isinstance(item, Conversation):
+        if isinstance(item, (Conversation, Pair)):
             usable += 1
             continue
         by_reason[item.reason] += 1
@@ -42,6 +48,7 @@ def check_file(path: Path, schema: str = "auto", max_chars: int = DEFAULT_MAX_CH
         raise MedtuneError(f"{path}: no records in the file")
     return {
         "path": str(path),
+        "record_kind": kind,
         "records": records,
         "usable": usable,
         "rejected": records - usable,
@@ -54,8 +61,8 @@ def check_file(path: Path, schema: str = "auto", max_chars: int = DEFAULT_MAX_CH
 def format_report(report: dict[str, Any]) -> str:
     """The report of `check_file` as a few lines for a person."""
     lines = [
-        f"{report['path']}: {report['records']:,} records, {report['usable']:,} usable, "
-        f"{report['rejected']:,} rejected",
+        f"{report['path']}: {report['records']:,} records, {report['usable']:,} usable"
+        f"{' preference pairs' if report['record_kind'] == 'pairs' else ''}, {report['rejected']:,} rejected",
     ]
     if report["schemas"]:
         lines.append("schemas: " + ", ".join(f"{name} {count:,}" for name, count in report["schemas"].items()))

@@ -11,6 +11,8 @@ Output folder `prepared/`:
 Records stream through in batches (tokenized together, which uses every core); memory holds the token arrays
 (5 bytes a token) and no Python object per token. The split is decided per record from a hash of its content and
 the seed, so it does not depend on the order or the size of the file.
+
+With train.objective dpo or orpo the records are preference pairs, prepared by data/pairs.py into the same files.
 """
 
 from __future__ import annotations
@@ -141,6 +143,13 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     """Prepare the data into `out` (an empty folder); return the report."""
+    if cfg.train.objective != "sft":
+        from medtune.data.pairs import prepare_pairs  # pairs.py builds on this module's writer
+
+        return prepare_pairs(cfg, out, ui)
+    if cfg.data.schema_ == "pairs":
+        raise MedtuneError("data.schema is 'pairs' but train.objective is 'sft': set train.objective to dpo or orpo "
+                           "to train on preference pairs")
     dc = cfg.data
     source, records = read_source(cfg)
     tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision))
@@ -214,6 +223,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     over = counts["over_max_len"]
     report = {
         "source": str(source),
+        "record_kind": "conversations",
         "records_read": counts["read"],
         "used": counts["used"],
         "rejected": len(rejected),

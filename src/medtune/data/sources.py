@@ -27,9 +27,11 @@ as that schema):
   evaluation benchmarks (`medtune.formats.choice`) and rendered as ReasonMed records: the question with its lettered
   options (and PubMedQA's abstract as the input), answered by the explanation when the record has one and always a
   final line "The answer is X.".
+- `pairs`: preference pairs (`chosen`, `rejected`), read by data/pairs.py when train.objective is dpo or orpo; read
+  here (an SFT run), each is rejected with a reason that says so.
 
-Auto-detection looks at the keys with a non-null value first (then at null ones), in this order: `messages`;
-`conversations` (ShareGPT when its first turn has `from` or `value`); any of
+Auto-detection looks at the keys with a non-null value first (then at null ones), in this order: `chosen` or
+`rejected` (pairs); `messages`; `conversations` (ShareGPT when its first turn has `from` or `value`); any of
 `Question`, `Complex_CoT`, `Response` (medical_o1); `instruction` or `output` (reasonmed); then `question` with
 `options` (multiple_choice) or `opa` (medmcqa), `QUESTION` with `CONTEXTS` or `final_decision` (pubmedqa). A record
 with none of them is rejected as "unknown schema".
@@ -60,13 +62,14 @@ from medtune.formats import choice
 from medtune.formats.files import RawRecord, check_text_file, iter_raw_records
 from medtune.hub import stream_dataset
 
-SCHEMAS = ("reasonmed", "conversations", "messages", "sharegpt", "medical_o1", *choice.FORMATS)
+SCHEMAS = ("reasonmed", "conversations", "messages", "sharegpt", "medical_o1", "pairs", *choice.FORMATS)
 DEFAULT_MAX_CHARS = 200_000
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 MEDICAL_O1_REPLY = "## Thinking\n\n{cot}\n\n## Final Response\n\n{response}"
 
 # Detection order and the keys that mark each schema; "conversations" is split into conversations/sharegpt later.
 SCHEMA_MARKERS = (
+    ("pairs", frozenset({"chosen", "rejected"})),
     ("messages", frozenset({"messages"})),
     ("conversations", frozenset({"conversations"})),
     ("medical_o1", frozenset({"Question", "Complex_CoT", "Response"})),
@@ -172,12 +175,18 @@ def _turns(obj: dict[str, Any], field: str, role_key: str, content_key: str) -> 
     return tuple(messages)
 
 
+def _preference_pair(obj: dict[str, Any]) -> Messages:
+    """Pairs are read by data/pairs.py, in runs that train on them."""
+    raise _BadRecord("a preference pair: set train.objective to dpo or orpo to train on pairs")
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
     "reasonmed": _reasonmed,
     "conversations": lambda obj: _turns(obj, "conversations", "role", "content"),
     "messages": lambda obj: _turns(obj, "messages", "role", "content"),
     "sharegpt": lambda obj: _turns(obj, "conversations", "from", "value"),
     "medical_o1": _medical_o1,
+    "pairs": _preference_pair,
 }
 
 
