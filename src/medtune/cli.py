@@ -221,6 +221,7 @@ def train_command(
     console.print(table)
 
 
+_stage_command("pairs", "Sample replies to the config's pairs.questions, grade them by the answer key; write pairs/.")
 _stage_command("merge", "Merge the adapter into the base; write merged/ (safetensors, tokenizer, template).")
 _stage_command("export", "Convert merged/ to GGUF F16 and quantize; verify every file; write gguf/.")
 _stage_command("eval", "Evaluate the configured models on the configured multiple-choice benchmarks.")

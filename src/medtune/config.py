@@ -52,7 +52,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.path is None) == (self.dataset is None):
+        # neither is the pairs stage's output (checked with the whole config in Config._data_source)
+        if self.path is not None and self.dataset is not None:
             raise ValueError("set exactly one of data.path (a local file) or data.dataset (a hub dataset id)")
         if self.dataset is None and (self.data_file is not None or self.config is not None):
             raise ValueError("data.data_file and data.config name parts of a hub dataset: set data.dataset too")
@@ -141,6 +142,22 @@ class ChatConfig(Section):
     n_ctx: int = Field(sampling.N_CTX, gt=0)
 
 
+class PairsConfig(Section):
+    """Preference pairs from a model's own sampled replies, graded by the answer key (`medtune pairs`)."""
+
+    questions: Path  # multiple-choice questions with answer keys
+    kind: Literal["medqa", "medmcqa", "pubmedqa", "mmlu", "reasonmed"] = "medqa"  # a benchmark reader's shape
+    model: str | None = None  # the model that samples (e.g. an earlier run's merged/); None: base.model
+    samples: int = Field(8, gt=0)  # replies sampled per question
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(1024, gt=0)
+    batch_size: int | None = Field(None, gt=0)  # replies per generate call; None: 64 on a GPU, 8 on a CPU
+    max_pairs_per_question: int = Field(4, gt=0)
+    include_reference: bool = False  # the record's own reasoning, when it ends in the right answer, is a chosen reply
+    limit: int | None = Field(None, gt=0)  # the first N questions not refused as evaluation questions
+
+
 class BenchmarkConfig(Section):
     name: str
     path: Path  # local file (PubMedQA: ori_pqal.json with test_ground_truth.json beside it; MMLU: file or folder)
@@ -167,6 +184,17 @@ class Config(Section):
     export: ExportConfig
     chat: ChatConfig = ChatConfig()
     eval: EvalConfig = EvalConfig()
+    pairs: PairsConfig | None = None  # set: `run` starts with the pairs stage, and the data stage reads its pairs
+
+    @model_validator(mode="after")
+    def _data_source(self) -> Config:
+        if self.pairs is not None and (self.data.path is not None or self.data.dataset is not None):
+            raise ValueError("data.path / data.dataset: leave both unset when the config has a pairs section (the "
+                             "data stage reads the pairs stage's pairs/pairs.jsonl)")
+        if self.pairs is None and self.data.path is None and self.data.dataset is None:
+            raise ValueError("data: set exactly one of data.path (a local file) or data.dataset (a hub dataset id), "
+                             "or add a pairs section")
+        return self
 
     def section_dump(self, name: str) -> dict[str, Any]:
         """A stage's section as plain JSON-able data (used for fingerprints and manifests)."""
@@ -207,6 +235,10 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     base = cfg.base.model
     if base.startswith((".", "/")) and not base.startswith("pkg:"):
         cfg.base.model = str(resolve(Path(base)))
+    if cfg.pairs is not None:
+        cfg.pairs.questions = resolve(cfg.pairs.questions)
+        if cfg.pairs.model is not None and cfg.pairs.model.startswith((".", "/")):
+            cfg.pairs.model = str(resolve(Path(cfg.pairs.model)))
 
 
 def _check_files(cfg: Config, source: str) -> None:
@@ -218,6 +250,8 @@ def _check_files(cfg: Config, source: str) -> None:
     base = cfg.base.model
     if base.startswith("/") and not Path(base).exists():
         raise MedtuneError(f"{source}: base.model: path not found: {base}")
+    if cfg.pairs is not None and not cfg.pairs.questions.exists():
+        raise MedtuneError(f"{source}: pairs.questions: file not found: {cfg.pairs.questions}")
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -231,6 +265,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     got = first.get("input")
     got_text = "" if isinstance(got, dict) or first["type"].startswith("value_error") else f", got {got!r}"
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    if not first["loc"]:  # a check across sections names its keys itself
+        return f"{source}: {msg}{got_text}{more}"
     return f"{source}: {loc}: {msg}{got_text}{more}"
 
 

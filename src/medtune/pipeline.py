@@ -31,13 +31,30 @@ class Stage:
 
 
 STAGES = (
-    Stage("data", "prepared", None, ("base", "data", "seed"), "medtune.data.prepare"),
+    # only with a `pairs` section; then data reads pairs/pairs.jsonl (see `active` and `upstream_of`)
+    Stage("pairs", "pairs", None, ("pairs", "base", "seed"), "medtune.pairs"),
+    Stage("data", "prepared", "pairs", ("base", "data", "seed"), "medtune.data.prepare"),
     Stage("train", "adapter", "data", ("train", "seed"), "medtune.train.stage"),
     Stage("merge", "merged", "train", ("merge", "chat"), "medtune.merge"),
     Stage("export", "gguf", "merge", ("export",), "medtune.export.stage"),
     Stage("eval", "eval", "export", ("eval", "chat"), "medtune.evaluate.stage"),
 )
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def active(stage: Stage, cfg: Config) -> bool:
+    """Whether the config runs this stage: the pairs stage only with a `pairs` section."""
+    return stage.name != "pairs" or cfg.pairs is not None
+
+
+def active_stages(cfg: Config) -> list[Stage]:
+    return [s for s in STAGES if active(s, cfg)]
+
+
+def upstream_of(stage: Stage, cfg: Config) -> Stage | None:
+    """The stage whose folder `stage` reads in this config (data reads nothing upstream without a pairs section)."""
+    up = BY_NAME.get(stage.upstream or "")
+    return up if up is not None and active(up, cfg) else None
 
 
 def _file_hash(run_dir: RunDir, path: Path) -> str:
@@ -58,14 +75,24 @@ def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
     dump = cfg.model_dump(mode="json", by_alias=True)
     parts: dict[str, Any] = {"stage": stage.name, "medtune": __version__,
                              "config": {s: dump[s] for s in stage.sections}}
-    if stage.upstream:
-        manifest = run_dir.manifest(BY_NAME[stage.upstream].folder)
+    upstream = upstream_of(stage, cfg)
+    if upstream is not None:
+        manifest = run_dir.manifest(upstream.folder)
         parts["upstream"] = manifest["fingerprint"] if manifest else None
     if stage.name == "data" and cfg.data.path is not None:
         parts["input"] = _file_hash(run_dir, cfg.data.path)
     if stage.name == "eval" or (stage.name == "data" and cfg.data.contamination != "ignore"):
         # the data stage checks records against the benchmarks: a changed benchmark file changes its result
         parts["inputs"] = [_file_hash(run_dir, b.path) for b in cfg.eval.benchmarks]
+    if stage.name == "pairs" and cfg.pairs is not None:
+        # its questions, the benchmarks it refuses questions of, and the sampling model's own fingerprint when the
+        # model is an earlier run's merged/ folder (rebuilt there, its samples here are stale)
+        questions = cfg.pairs.questions
+        parts["questions"] = _file_hash(run_dir, questions) if questions.is_file() else str(questions)
+        parts["benchmarks"] = [[b.name, b.kind, _file_hash(run_dir, b.path)] for b in cfg.eval.benchmarks]
+        model_manifest = Path(cfg.pairs.model or cfg.base.model) / "manifest.json"
+        if model_manifest.is_file():
+            parts["model"] = json.loads(model_manifest.read_text(encoding="utf-8")).get("fingerprint")
     return fingerprint(parts)
 
 
@@ -91,13 +118,14 @@ def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, A
 def run_all(cfg: Config, run_dir: RunDir, ui: UI, force: bool = False) -> dict[str, str]:
     """Every stage in order; returns {stage: "ran" | "up to date"}."""
     status = {}
+    stages = active_stages(cfg)
     if first_process() and any(stage.name == "export" and (force or not run_dir.is_current(
-            stage.folder, stage_fingerprint(stage, cfg, run_dir))) for stage in STAGES):
+            stage.folder, stage_fingerprint(stage, cfg, run_dir))) for stage in stages):
         from medtune.export.gguf import converter_dir
 
         # The converter comes from the package index on first use: a missing network shows now, not after training.
         converter_dir()
-    for stage in STAGES:
+    for stage in stages:
         if not force and run_dir.is_current(stage.folder, stage_fingerprint(stage, cfg, run_dir)):
             status[stage.name] = "up to date"
             ui.log(f"{stage.name}: up to date, skipped")

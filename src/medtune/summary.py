@@ -8,7 +8,7 @@ from typing import Any
 from medtune import DISCLAIMER
 from medtune.artifacts import RunDir
 from medtune.config import Config
-from medtune.pipeline import STAGES
+from medtune.pipeline import active_stages
 
 
 def _size(n: int) -> str:
@@ -26,7 +26,7 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
     table.add_column("stage")
     table.add_column("artifact")
     table.add_column("size", justify="right")
-    for stage in STAGES:
+    for stage in active_stages(cfg):
         manifest = run_dir.manifest(stage.folder)
         if manifest is None:
             table.add_row(stage.name, "(not run)", "")

@@ -46,6 +46,8 @@ BATCH = 512
 
 
 def data_path(cfg: Config) -> Path:
+    if cfg.pairs is not None:  # the pairs stage's output
+        return RunDir(cfg.run_dir).require("pairs", "medtune pairs CONFIG") / "pairs.jsonl"
     if cfg.data.path is not None:
         return cfg.data.path
     return Path(hub_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision))
