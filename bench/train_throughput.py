@@ -32,8 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from medtune.data.packing import efficiency, pack  # noqa: E402
+from medtune.train import engine  # noqa: E402
 from medtune.train.loss import IGNORE, CausalLMLoss  # noqa: E402
-from medtune.train.stage import collate, counts, to_device, token_loss_sum  # noqa: E402
+from medtune.train.objectives.sft import LOSS_INPUTS, SFT, collate  # noqa: E402
+from medtune.train.parallel import Distributed  # noqa: E402
+from medtune.train.setup import Setup  # noqa: E402
 
 MAX_LEN = 2048
 EOT = 128009
@@ -128,10 +131,19 @@ def parse_variant(name: str) -> dict:
             "optimizer": "hf" if "hfopt" in parts else "batched", "sync_each_step": "sync" in parts}
 
 
+def bench_setup(model, loss_model, optimizer, steps: int) -> Setup:
+    """The engine's view of a model built here: one process, bf16 autocast, a constant learning rate."""
+    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision="bf16", pad_id=PAD, model=model,
+                 loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad], weights_gib=0.0,
+                 optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                 scaler=torch.amp.GradScaler("cuda", enabled=False), window=1, total_steps=steps)
+
+
 def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: int, compile_model: bool,
                 dropout: float = 0.05, full_logits: bool = False, seed: int = 0, head: str = "fused",
                 optimizer: str = "batched", sync_each_step: bool = False, profile: Path | None = None) -> dict:
-    """medtune's loop body: packed rows, bf16 base + fp32 LoRA, loss on labelled tokens, Adafactor.
+    """medtune's training step (train/engine.py, SFT objective): packed rows, bf16 base + fp32 LoRA, loss on labelled
+    tokens, Adafactor. `full_logits`: the plain reference path instead (full logits, cross-entropy in PyTorch).
 
     Timed as the train stage runs: the host does not wait for the GPU inside a step (unless `sync_each_step`);
     wall time over the timed steps, one synchronisation at each end."""
@@ -149,29 +161,30 @@ def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: in
     opt = HFAdafactor(params, lr=2e-4, scale_parameter=False, relative_step=False, warmup_init=False) \
         if optimizer == "hf" else Adafactor(params, lr=2e-4)
     batches, eff = packed_batches(examples, rows_per_batch, seed)
+    setup = bench_setup(model, loss_model, opt, warmup + steps)
+    objective = SFT(PAD, MAX_LEN)
     losses = []
 
     def one_step(step: int) -> int:
         rows = batches[step % len(batches)]
-        batch = collate(rows, PAD, MAX_LEN)
-        n = batch["targets"].numel()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if full_logits:
+        tokens, n = objective.counts(rows)
+        if full_logits:
+            batch = collate(rows, PAD, MAX_LEN)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(),
                                use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                                          batch["labels"].cuda().flatten(), ignore_index=IGNORE,
                                                          reduction="sum")
-            else:
-                loss = token_loss_sum(loss_model, to_device(batch, torch.device("cuda")))
-        (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach() / n)
+            (loss / n).backward()
+            loss = loss.detach()
+        else:
+            loss, _ = engine.backward_step(setup, objective, [objective.collate(rows)], n)
+        engine.optimizer_step(setup, 1.0)
+        losses.append(loss / n)
         if sync_each_step:
             float(losses[-1])
-        return counts(rows)[0]
+        return tokens
 
     for step in range(warmup):
         one_step(step)
@@ -277,14 +290,15 @@ def packed_equals_alone(attn: str) -> float:
     worst = 0.0
     cuda = torch.device("cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        packed = to_device(collate([examples], PAD), cuda)
+        packed = {k: v.to(cuda) for k, v in collate([examples], PAD).items()}
         at = 0
         for ex in examples:
             n = len(ex[0])
             mine = (packed["label_index"] >= at) & (packed["label_index"] < at + n)
             in_pack = loss_model(packed["input_ids"], packed["position_ids"], packed["label_index"][mine],
                                  packed["targets"][mine], packed["cu_seq_lens"])
-            single = token_loss_sum(loss_model, to_device(collate([[ex]], PAD), cuda))
+            alone = collate([[ex]], PAD)
+            single = loss_model(*(alone[k].to(cuda) for k in LOSS_INPUTS))
             worst = max(worst, abs(float(in_pack) - float(single)) / abs(float(single)))
             at += n
     del model

@@ -30,7 +30,7 @@ def test_pack_places_every_example_once_within_max_len():
 def test_packed_row_gives_each_example_the_same_loss_as_alone(tiny_base):
     from transformers import AutoModelForCausalLM
 
-    from medtune.train.stage import collate
+    from medtune.train.objectives.sft import collate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)

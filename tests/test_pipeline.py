@@ -118,3 +118,17 @@ def test_packing_keep_answer_and_contamination_drop(tiny_config, tmp_path):
     run_stage(BY_NAME["train"], cfg, run, UI())
     train = run.manifest("adapter")["results"]
     assert np.isfinite(train["final_loss"]) and train["steps"] == 3
+
+
+def test_data_stage_reruns_when_the_objective_switches_to_pairs(tiny_config):
+    """SFT and DPO read the same file differently (conversations vs pairs): switching must prepare the data again."""
+    from medtune.artifacts import RunDir
+    from medtune.config import load_config
+    from medtune.pipeline import BY_NAME, stage_fingerprint
+
+    sft = load_config(tiny_config)
+    dpo = load_config(tiny_config, ["train.objective=dpo"])
+    orpo = load_config(tiny_config, ["train.objective=orpo"])
+    run = RunDir(sft.run_dir)
+    prints = [stage_fingerprint(BY_NAME["data"], c, run) for c in (sft, dpo, orpo)]
+    assert prints[0] != prints[1] == prints[2]

@@ -46,28 +46,28 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 # Loaded by every Python process of a run started with this folder on PYTHONPATH: the first process, as it begins
-# the forward pass of step KILL_AT (mid-training, not at a checkpoint), SIGKILLs the launcher if there is one, else
+# the work of step KILL_AT (mid-training, not at a checkpoint), SIGKILLs the launcher if there is one, else
 # itself. Under a launcher it then waits: the launcher's death alone must end it and every other process (they are
 # in sessions of their own), or the test finds them still running.
 KILLER = """
 import os, signal, time
-from medtune.train import stage
+from medtune.train import engine
 
-_real, _calls = stage.token_loss_sum, [0]
+_real, _calls = engine.backward_step, [0]
 
 
-def _killing(model, batch):
-    if model.training and os.environ.get("RANK", "0") == "0":
+def _killing(setup, objective, batches, units):
+    if os.environ.get("RANK", "0") == "0":
         _calls[0] += 1
-        if _calls[0] > (int(os.environ["KILL_AT"]) - 1) * int(os.environ["MICRO_PER_STEP"]):
+        if _calls[0] >= int(os.environ["KILL_AT"]):
             if "LOCAL_RANK" in os.environ:
                 os.kill(os.getppid(), signal.SIGKILL)
                 time.sleep(60)
             os.kill(os.getpid(), signal.SIGKILL)
-    return _real(model, batch)
+    return _real(setup, objective, batches, units)
 
 
-stage.token_loss_sum = _killing
+engine.backward_step = _killing
 """
 
 
@@ -95,8 +95,7 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     kill_at = random.Random().randint(4, 20)  # checkpoints every 3 steps: the last one is step (kill_at-1)//3*3
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]), KILL_AT=str(kill_at),
-               MICRO_PER_STEP="2")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]), KILL_AT=str(kill_at))
     # output to a file, not a pipe: reading a pipe to its end would wait for every process that holds it
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "medtune.cli", "train", str(killed), *gpus], cwd=ROOT,
@@ -141,22 +140,22 @@ def test_observability_files(tiny_config, tmp_path):
 def test_non_finite_loss_stops_with_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
     import torch
 
-    from medtune.train import stage
+    from medtune.train.objectives.sft import SFT
 
     cfg = load_config(configure(tiny_config, tmp_path / "run", max_steps=10))
     run = RunDir(cfg.run_dir)
     run_stage(BY_NAME["data"], cfg, run, UI())
-    real = stage.token_loss_sum
+    real = SFT.loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):
-        loss = real(model, batch)
+    def poisoned(self, model, batch):
+        loss, metrics = real(self, model, batch)
         calls["n"] += model.training
         if model.training and calls["n"] > 2 * 4:  # 2 micro-batches a step: NaN from step 5 on
             loss = loss * torch.tensor(float("nan"))
-        return loss
+        return loss, metrics
 
-    monkeypatch.setattr(stage, "token_loss_sum", poisoned)
+    monkeypatch.setattr(SFT, "loss", poisoned)
     expected = "loss is nan at step 5; stopped. The last good checkpoint is .*step-00000003"
     with pytest.raises(MedtuneError, match=expected):
         run_stage(BY_NAME["train"], cfg, run, UI())

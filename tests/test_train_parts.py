@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from medtune.train.loss import IGNORE, CausalLMLoss, label_positions
+from medtune.train.objectives.sft import collate, counts
 from medtune.train.optim import Adafactor
-from medtune.train.stage import collate, counts
 
 
 def tiny_lora(tie: bool = True, on_head: bool = False):

@@ -81,6 +81,8 @@ def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
         parts["upstream"] = manifest["fingerprint"] if manifest else None
     if stage.name == "data" and cfg.data.path is not None:
         parts["input"] = _file_hash(run_dir, cfg.data.path)
+    if stage.name == "data" and cfg.train.objective != "sft":  # it prepares pairs, not conversations
+        parts["records"] = "pairs"
     if stage.name == "eval" or (stage.name == "data" and cfg.data.contamination != "ignore"):
         # the data stage checks records against the benchmarks: a changed benchmark file changes its result
         parts["inputs"] = [_file_hash(run_dir, b.path) for b in cfg.eval.benchmarks]

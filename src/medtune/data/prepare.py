@@ -32,8 +32,8 @@ import numpy as np
 from medtune.answers import final_answer
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
-from medtune.data import lengths as length_policy
 from medtune.contamination import ContaminationGuard, question_stem
+from medtune.data import lengths as length_policy
 from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.packing import efficiency, pack
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
@@ -57,7 +57,7 @@ def read_source(cfg: Config) -> tuple[str, Iterator[Conversation | Rejection]]:
     """What the data stage reads (a file, or one split of a hub dataset streamed when data.data_file is unset) and
     its records; a hub dataset that can't be reached or read is one error now, before any long step."""
     dc = cfg.data
-    if dc.dataset is not None and dc.data_file is None:
+    if cfg.pairs is None and dc.dataset is not None and dc.data_file is None:
         records = read_hub_records(dc.dataset, dc.config, dc.split, dc.revision, dc.schema_, dc.max_chars)
         return f"{dc.dataset}{'/' + dc.config if dc.config else ''}:{dc.split}", records
     source = data_path(cfg)
@@ -96,23 +96,6 @@ class SplitWriter:
                     np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64))
             info |= {"packed_rows": len(rows), "packing_efficiency": round(efficiency(lengths, rows, max_len), 4)}
         return info
-
-
-def load_split(prepared: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The examples of a prepared split as (ids, mask) array views."""
-    ids = np.load(prepared / f"{name}.ids.npy", mmap_mode="r")
-    mask = np.load(prepared / f"{name}.mask.npy", mmap_mode="r")
-    offsets = np.load(prepared / f"{name}.offsets.npy")
-    return [(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-def load_packs(prepared: Path, name: str) -> list[list[int]] | None:
-    """The packed rows of a split (lists of example indices), or None when the data was not packed."""
-    if not (prepared / f"{name}.packs.npy").is_file():
-        return None
-    flat = np.load(prepared / f"{name}.packs.npy")
-    offsets = np.load(prepared / f"{name}.pack_offsets.npy")
-    return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:

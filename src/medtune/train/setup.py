@@ -1,0 +1,155 @@
+"""Everything a training run or a timing needs before its first step, built from the config: the process's place in a
+launch, device, precision, base model + LoRA, compilation, sharding, optimizer and schedule (one `Setup`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from medtune.config import Config
+from medtune.errors import MedtuneError
+from medtune.models import load_model, load_tokenizer, resolve_base
+from medtune.train.loss import CausalLMLoss
+from medtune.train.optim import Adafactor
+from medtune.train.parallel import Distributed, shard
+from medtune.ui import UI
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MedtuneError("train.device is 'cuda' but no CUDA GPU is visible; use train.device=auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def pick_precision(choice: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
+    if device.type == "cpu":
+        if choice in ("fp16",):
+            raise MedtuneError("train.precision fp16 needs a GPU; use precision auto or fp32 on CPU")
+        return "fp32" if choice == "auto" else choice
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return choice
+
+
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adafactor":
+        # What transformers' Trainer builds for optim="adafactor" (a fixed external learning rate), batched.
+        return Adafactor(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.train.lora
+    tied = {"lm_head", "embed_tokens"} & set(lora.target_modules)
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        ui.log(f"[yellow]warning: LoRA on {sorted(tied)}, which are tied in this model: the adapter changes both the "
+               "input embeddings and the output head[/]")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        use_dora=lora.dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
+    """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
+    frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
+    if attention == "varlen":
+        from medtune.train.attention import register
+
+        register()
+    if not qlora:
+        return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device),
+                          attention=attention)
+    if device.type != "cuda":
+        raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError:
+        raise MedtuneError("train.qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from peft import prepare_model_for_kbit_training
+
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True)
+    extra = {} if attention == "auto" else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device.index or 0},
+                                                 **extra)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    dist: Distributed
+    device: torch.device
+    precision: str
+    pad_id: int
+    model: Any  # the PEFT model
+    loss_model: CausalLMLoss  # the root module (sharded under fsdp)
+    params: list[torch.nn.Parameter]  # the trainable tensors
+    weights_gib: float  # what this process holds of the weights
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    window: int  # micro-batches per optimizer step, over all processes
+    total_steps: int
+
+    def autocast(self) -> Any:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build(cfg: Config, n_items: int, ui: UI) -> Setup:
+    """Device, model, LoRA, compilation, sharding, optimizer and the linear schedule over `n_items` items a epoch."""
+    from transformers import get_linear_schedule_with_warmup
+
+    tc = cfg.train
+    dist = Distributed()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
+        else pick_device(tc.device)
+    precision = pick_precision(tc.precision, device)
+    if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
+        raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
+                           "for it); use train.attention=auto on this machine")
+    if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
+        raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
+                           "to false, or use strategy ddp")
+    base = resolve_base(cfg.base.model, cfg.base.revision)
+    pad_id = load_tokenizer(base).pad_token_id
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
+    sharded = tc.strategy == "fsdp" and dist.world > 1
+    model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
+                                              tc.attention), cfg, ui)
+    if tc.compile:
+        # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
+        # of labelled positions has a data-dependent shape and stays outside the compiled graph.
+        model.get_base_model().model.compile()
+        ui.log("train: the decoder is compiled on its first batches (one to several minutes before the first step)")
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_model = CausalLMLoss(model)
+    if sharded:
+        shard(loss_model, params, device, dist.world)
+    # what this process holds (a sharded parameter's local part)
+    weights_gib = round(sum(getattr(p, "_local_tensor", p).nbytes for p in model.parameters()) / 2**30, 4)
+    torch.manual_seed(cfg.seed + dist.rank)  # LoRA dropout draws differ between processes
+
+    window = tc.grad_accum * dist.world
+    steps_per_epoch = math.ceil(math.ceil(n_items / tc.batch_size) / window)
+    total_steps = tc.max_steps or math.ceil(steps_per_epoch * tc.epochs)
+    optimizer = build_optimizer(cfg, params)
+    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    return Setup(cfg, dist, device, precision, pad_id, model, loss_model, params, weights_gib, optimizer, scheduler,
+                 scaler, window, total_steps)
