@@ -61,11 +61,11 @@ def synthetic_pairs(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
             for _ in range(n)]
 
 
-def base_model(attn: str, state: dict | None = None):
+def base_model(attn: str, state: dict | None = None, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_1b_config(attn), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(llama_1b_config(attn), dtype=dtype)
     if state is not None:
         model.load_state_dict(state)
     model.config.use_cache = False
@@ -94,7 +94,7 @@ class StepTimer:
 
 
 def run_trl(pairs: list[dict], tokenizer, batch: int, steps: int, warmup: int, out_dir: Path,
-            checkpointing: bool) -> dict:
+            checkpointing: bool, fp32: bool = False) -> dict:
     """TRL's DPOTrainer with a PEFT LoRA, sequential order; returns its timing, losses, tokenized pairs, LoRA init."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model_state_dict
@@ -105,11 +105,11 @@ def run_trl(pairs: list[dict], tokenizer, batch: int, steps: int, warmup: int, o
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    model = base_model("sdpa")
+    model = base_model("sdpa", dtype=torch.float32 if fp32 else torch.bfloat16)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     config = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_steps=warmup + steps,
-                       logging_steps=1, report_to=[], bf16=True, beta=BETA, loss_type=["sigmoid"], max_length=None,
+                       logging_steps=1, report_to=[], bf16=not fp32, beta=BETA, loss_type=["sigmoid"], max_length=None,
                        max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, save_strategy="no",
                        dataloader_num_workers=0, seed=0, gradient_checkpointing=checkpointing)
     timer = StepTimer()
@@ -147,22 +147,21 @@ def as_pairs(tokenized: list[dict], eos_id: int) -> list:
 
 
 def run_medtune(pairs: list, state: dict, lora_init: dict, attn: str, compile_model: bool, batch: int, steps: int,
-                warmup: int, pad_id: int) -> dict:
+                warmup: int, pad_id: int, fp32: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.cuda.empty_cache()
-    model = get_peft_model(base_model(attn, state), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model = get_peft_model(base_model(attn, state, torch.float32 if fp32 else torch.bfloat16),
+                           LoraConfig(task_type="CAUSAL_LM", **LORA))
     set_peft_model_state_dict(model, {k: v.cuda() for k, v in lora_init.items()})
     if compile_model:
         model.get_base_model().model.compile()
     loss_model = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    setup = bench_setup(model, loss_model, optimizer, warmup + steps)
+    setup = bench_setup(model, loss_model, optimizer, warmup + steps, "fp32" if fp32 else "bf16")
     objective = Preference("dpo", PreferenceConfig(beta=BETA), pad_id, flat=attn in ("varlen", "flex_attention"))
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    autocast = setup.autocast
 
     begin = time.perf_counter()
     reference = reference_logps(objective, loss_model, model, pairs, batch, torch.device("cuda"), autocast)
@@ -191,13 +190,26 @@ def run_medtune(pairs: list, state: dict, lora_init: dict, attn: str, compile_mo
     return result
 
 
+def learning_equality(texts: list[dict], tokenizer, batch: int, steps: int) -> dict:
+    """The same learning, without bf16's noise: TRL and medtune in fp32 (SDPA attention, one row per pair on
+    medtune's side), same init, pairs, order and hyperparameters; every step's loss compared."""
+    trl_run = run_trl(texts, tokenizer, batch, steps, 0, Path("/tmp/trl-dpo-fp32"), checkpointing=False, fp32=True)
+    state, lora_init, tokenized = trl_run.pop("state"), trl_run.pop("lora_init"), trl_run.pop("tokenized")
+    ours = run_medtune(as_pairs(tokenized, tokenizer.eos_token_id), state, lora_init, "sdpa", False, batch, steps, 0,
+                       tokenizer.pad_token_id, fp32=True)
+    rel = [abs(a - b) / abs(b) for a, b in zip(ours["losses"], trl_run["losses"])]
+    return {"precision": "fp32", "pairs_per_step": batch, "steps_compared": len(rel), "max_rel_diff": max(rel),
+            "trl_losses": trl_run["losses"], "medtune_losses": ours["losses"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True, help="a Llama-3.2 tokenizer folder")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (one micro-batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", default="varlen+compile,varlen,flex+compile")
+    parser.add_argument("--variants", default="varlen+compile,varlen")
+    parser.add_argument("--equality-only", action="store_true", help="only the fp32 step-by-step loss comparison")
     parser.add_argument("--out", type=Path, default=Path("bench/results/dpo_throughput.json"))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -223,6 +235,11 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     texts = synthetic_pairs(tokenizer, args.batch * (args.warmup + args.steps))
+    if args.equality_only:
+        results["learning_equality"] = learning_equality(texts[: 4 * args.steps], tokenizer, 4, args.steps)
+        save()
+        print(json.dumps({k: v for k, v in results["learning_equality"].items() if "losses" not in k}), flush=True)
+        return
     baselines = {}
     for name, checkpointing in (("TRL defaults (gradient checkpointing)", True), ("TRL, no checkpointing", False)):
         run = run_trl(texts, tokenizer, args.batch, args.steps, args.warmup, Path("/tmp/trl-dpo"), checkpointing)

@@ -131,10 +131,11 @@ def parse_variant(name: str) -> dict:
             "optimizer": "hf" if "hfopt" in parts else "batched", "sync_each_step": "sync" in parts}
 
 
-def bench_setup(model, loss_model, optimizer, steps: int) -> Setup:
-    """The engine's view of a model built here: one process, bf16 autocast, a constant learning rate."""
-    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision="bf16", pad_id=PAD, model=model,
-                 loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad], weights_gib=0.0,
+def bench_setup(model, loss_model, optimizer, steps: int, precision: str = "bf16") -> Setup:
+    """The engine's view of a model built here: one process, bf16 autocast (or fp32), a constant learning rate."""
+    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision=precision, pad_id=PAD,
+                 model=model, loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad],
+                 weights_gib=0.0,
                  optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                  scaler=torch.amp.GradScaler("cuda", enabled=False), window=1, total_steps=steps)
 
