@@ -17,6 +17,7 @@ from medtune.evaluate.loglik import LoglikScorer, Request, choose, encode_pair, 
 from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.evaluate.report import overlap, overlap_warnings
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, evaluate_items
+from medtune.evaluate.suite import folder_name
 from medtune.models import load_hf
 from medtune.ui import UI
 
@@ -182,7 +183,7 @@ def test_loglik_rejects_gguf_models(tiny_config, tmp_path):
     with pytest.raises(MedtuneError, match="GGUF file.*loglik.*needs an HF model"):
         evaluate.run(cfg, RunDir(cfg.run_dir), out, UI())
     with_eval(cfg, mode="sample")
-    with pytest.raises(MedtuneError, match="eval.mode must be one of"):
+    with pytest.raises(MedtuneError, match="mode must be one of"):
         evaluate.run(cfg, RunDir(cfg.run_dir), out, UI())
 
 
@@ -210,7 +211,7 @@ def test_loglik_stage_compares_models_with_chart_and_contamination_warning(tiny_
         assert s["n"] == 2 and s["ci95"][0] <= s["accuracy"] <= s["ci95"][1] and s["items_per_s"] > 0
     # the same weights, loaded twice, give the same answers
     base, path = ([json.loads(line) for line in (out / folder / "bench.jsonl").read_text().splitlines()]
-                  for folder in ("base", evaluate._folder(str(tiny_base))))
+                  for folder in ("base", folder_name(str(tiny_base))))
     assert [r["extracted"] for r in base] == [r["extracted"] for r in path]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
@@ -218,6 +219,11 @@ def test_loglik_stage_compares_models_with_chart_and_contamination_warning(tiny_
     assert f"**Warning:** bench: 3 of its items ({evaluated} of those evaluated here) match training" in text
     assert "| base | bench | 2 |" in text and f"| {tiny_base} | bench | 2 |" in text
     assert "not a medical device" in text and "Mode: loglik" in text
+    # the same answers: no discordant item, so McNemar's p is 1 and the report says it is not significant
+    same = summary["paired"]["bench"][str(tiny_base)]
+    assert same["reference"] == "base" and same["difference"] == 0 and same["p_value"] == 1.0
+    assert (same["only_reference"], same["only_this"]) == (0, 0)
+    assert f"| {tiny_base} | base | bench | 2 | +0.0% | 0 | 0 | 1 | not significant: 0 discordant items" in text
     assert json.loads((out / "summary.json").read_text())["overlap"]["bench"]["items"] == 3
 
 

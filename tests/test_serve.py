@@ -155,6 +155,8 @@ MALFORMED = [
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     (chat_body(messages=[{"role": "user", "content": LONG}]), 400, "messages"),
     (chat_body(messages=[{"role": "user", "content": LONG}], stream=True), 400, "messages"),
+    (b"[" * 100_000, 400, None),  # deeper than json's parser recurses
+    (b'{"model": ' + b'{"a": ' * 100_000, 400, None),
 ]
 
 
@@ -168,6 +170,14 @@ def test_malformed_requests_get_4xx_json(server, body, status, param):
     if b"symptom symptom" in body:
         assert error["code"] == "context_length_exceeded"
         assert f"does not fit the context of {N_CTX} tokens" in error["message"]
+
+
+def test_deeply_nested_json_is_a_400_without_a_server():
+    from medtune.infer.server import ApiError, parse_chat_request
+
+    with pytest.raises(ApiError, match="nested too deeply") as info:
+        parse_chat_request(b"[" * 100_000, MODEL_ID)
+    assert info.value.status == 400 and info.value.body()["error"]["type"] == "invalid_request_error"
 
 
 def test_wrong_method_unknown_path_and_raw_garbage(server):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.console import Console
 from medtune import DISCLAIMER, __version__
 from medtune.errors import MedtuneError
 from medtune.sampling import MAX_TOKENS, N_CTX, TEMPERATURE, TOP_P
+
+if TYPE_CHECKING:
+    from medtune.ui import UI
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help=f"Turn a small open chat model into a local medical reasoning model.\n\n{DISCLAIMER}")
@@ -41,7 +45,9 @@ def _fail(exc: MedtuneError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
-def _run_stages(config: Path, overrides: list[str] | None, names: list[str], force: bool) -> None:
+@contextlib.contextmanager
+def _progress_ui(show: bool = True) -> Iterator[UI]:
+    """Progress bars in a terminal, plain progress lines elsewhere (`show=False`: nothing)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -51,20 +57,28 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
         TimeRemainingColumn,
     )
 
+    from medtune.ui import UI
+
+    if not show:
+        yield UI()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress, UI(console, progress) as ui:
+        yield ui
+
+
+def _run_stages(config: Path, overrides: list[str] | None, names: list[str], force: bool) -> None:
     from medtune.artifacts import RunDir
     from medtune.config import load_config
     from medtune.pipeline import BY_NAME, first_process, run_all, run_stage
-    from medtune.ui import UI
 
     _quiet_libraries()
     try:
         cfg = load_config(config, overrides)
         run_dir = RunDir(cfg.run_dir)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn())
         main = first_process()  # the other processes of a multi-GPU launch print only errors
-        with Progress(*columns, console=console, transient=False) if main else contextlib.nullcontext() as progress:
-            ui = UI(console, progress) if main else UI()
+        with _progress_ui(show=main) as ui:
             if names:
                 for name in names:
                     ui.log(f"[bold]{name}[/]: running")
@@ -224,7 +238,53 @@ def train_command(
 _stage_command("pairs", "Sample replies to the config's pairs.questions, grade them by the answer key; write pairs/.")
 _stage_command("merge", "Merge the adapter into the base; write merged/ (safetensors, tokenizer, template).")
 _stage_command("export", "Convert merged/ to GGUF F16 and quantize; verify every file; write gguf/.")
-_stage_command("eval", "Evaluate the configured models on the configured multiple-choice benchmarks.")
+
+
+@app.command("eval")
+def eval_command(
+    config: Annotated[Path | None, typer.Argument(help="A run config (YAML): evaluate its eval.models on its "
+                                                  "eval.benchmarks. Leave it out to use --model/--benchmark")] = None,
+    set_: SetOpt = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="A .gguf file, an HF model or LoRA "
+                                                    "adapter directory, or a hub id; repeat it to compare models "
+                                                    "(each against the first)")] = None,
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="KIND:FILE, KIND one of medqa, "
+                                                        "medmcqa, pubmedqa, mmlu; repeatable")] = None,
+    mode: Annotated[str, typer.Option(help="generate (chain of thought, answer extracted) or loglik (options' "
+                                      "log-likelihood; HF models only)")] = "generate",
+    limit: Annotated[int | None, typer.Option(min=1, help="A stratified sample of N items per benchmark")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens per generated answer (default: "
+                                                       "eval.max_new_tokens's default)")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="HF items per batch (default: 16 on a GPU, "
+                                                   "1 generating / 8 scoring on a CPU)")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for results.md, summary.json, accuracy.png and the per-item "
+                                      "results; run again to resume")] = Path("medtune-eval"),
+) -> None:
+    """Evaluate models on multiple-choice benchmarks: a run config's models, or any models with --model.
+
+    Writes results.md (accuracy with 95% intervals; with several models, each one's paired difference from the first
+    and McNemar's exact test), summary.json, accuracy.png and per-item JSONL files.
+    """
+    if config is not None:
+        if model or benchmark:
+            _fail(MedtuneError("give either a run CONFIG or --model/--benchmark, not both"))
+        _run_stages(config, set_, ["eval"], force=True)
+        return
+    _quiet_libraries()
+    from medtune.evaluate.standalone import run as evaluate
+
+    try:
+        if set_:
+            raise MedtuneError("--set changes a run config; without CONFIG use the options (--mode, --limit, ...)")
+        with _progress_ui() as ui:
+            evaluate(model or [], benchmark or [], out, ui, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size)
+        console.print(f"wrote {out / 'results.md'}", highlight=False)
+    except MedtuneError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted: finished items are kept; run the same command to go on[/]")
+        raise typer.Exit(130) from None
 
 
 @app.command("run")

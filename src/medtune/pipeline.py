@@ -7,9 +7,13 @@ deciding that everything is up to date takes well under a second.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,18 +107,30 @@ def first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def release_memory() -> None:
+    """Return the heap a finished stage freed to the system. glibc keeps freed blocks in its arenas: after the demo's
+    training the process stayed at 5.5 GB resident (0.47 GB after this), and every later stage ran with it."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            ctypes.CDLL(None).malloc_trim(0)
+
+
 def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, Any]:
     """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
     module = importlib.import_module(stage.module)
-    if not first_process():  # the first process writes the results
-        with tempfile.TemporaryDirectory() as scratch:
-            return module.run(cfg, run_dir, Path(scratch), ui)
-    fp = stage_fingerprint(stage, cfg, run_dir)
-    with run_dir.atomic(stage.folder) as out:
-        results = module.run(cfg, run_dir, out, ui)
-        dump = cfg.model_dump(mode="json", by_alias=True)
-        write_manifest(out, stage.name, fp, {s: dump[s] for s in stage.sections}, results)
-    return results
+    try:
+        if not first_process():  # the first process writes the results
+            with tempfile.TemporaryDirectory() as scratch:
+                return module.run(cfg, run_dir, Path(scratch), ui)
+        fp = stage_fingerprint(stage, cfg, run_dir)
+        with run_dir.atomic(stage.folder) as out:
+            results = module.run(cfg, run_dir, out, ui)
+            dump = cfg.model_dump(mode="json", by_alias=True)
+            write_manifest(out, stage.name, fp, {s: dump[s] for s in stage.sections}, results)
+        return results
+    finally:
+        release_memory()
 
 
 def run_all(cfg: Config, run_dir: RunDir, ui: UI, force: bool = False) -> dict[str, str]:

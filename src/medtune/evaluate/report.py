@@ -15,6 +15,7 @@ from typing import Any
 from medtune import DISCLAIMER
 from medtune.artifacts import atomic_write_bytes, atomic_write_text
 from medtune.evaluate.benchmarks import Item
+from medtune.evaluate.stats import ALPHA
 
 MODE_LINES = {
     "generate": "zero-shot chain of thought with the model's chat template, greedy, at most {max_new_tokens} new "
@@ -43,6 +44,28 @@ def comparison_table(summary: dict[str, Any]) -> str:
         cells = [f"{s['accuracy']:.1%} ({s['ci95'][0]:.1%}–{s['ci95'][1]:.1%}), n={s['n']}" if s else "-"
                  for s in (per_model.get(b) for b in benches)]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(summary: dict[str, Any]) -> str:
+    """Each model against the first on the same items: difference, discordant counts, McNemar's exact p-value."""
+    lines = [f"Each model against the first on the items both answered: the difference in accuracy, the items only "
+             f"one of the two got right, and the two-sided p-value of McNemar's exact test on those items. A "
+             f"difference with p >= {ALPHA:g} may be chance; with 5 or fewer such items no split can reach "
+             f"p < {ALPHA:g}.\n",
+             "| model | vs | benchmark | n | difference | right only for the first | right only for this model | "
+             "p (McNemar) | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for bench, per_model in summary.get("paired", {}).items():
+        for model, c in per_model.items():
+            if c["significant"]:
+                verdict = f"significant (p < {ALPHA:g})"
+            elif not c["can_be_significant"]:
+                verdict = f"not significant: {c['only_reference'] + c['only_this']} discordant items are too few"
+            else:
+                verdict = "not significant"
+            lines.append(f"| {model} | {c['reference']} | {bench} | {c['n']} | {c['difference']:+.1%} | "
+                         f"{c['only_reference']} | {c['only_this']} | {c['p_value']:.3g} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +154,7 @@ def write_report(out: Path, summary: dict[str, Any], warnings: list[str]) -> str
              *(f"{w}\n" for w in warnings),
              "## Comparison\n",
              comparison_table(summary),
+             *(["## Paired comparison\n", paired_table(summary)] if summary.get("paired") else []),
              "## Details\n",
              results_table(summary),
              "![accuracy per benchmark and model](accuracy.png)\n",

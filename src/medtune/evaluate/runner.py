@@ -9,29 +9,18 @@ an interrupted evaluation resumes from it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from medtune.evaluate.benchmarks import Item
 from medtune.answers import extract_letter
+from medtune.engines import Engine
+from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
 from medtune.evaluate.prompts import multiple_choice_prompt
-from medtune.engines import Engine
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
-    if total == 0:
-        return (0.0, 0.0)
-    p = correct / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from medtune.evaluate.stats import wilson_interval
 
 
 class Solver(Protocol):
@@ -102,7 +91,8 @@ class LoglikSolver:
         return records
 
 
-def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """{item id: record} from a per-item JSONL file ({} if there is none yet)."""
     done: dict[str, dict[str, Any]] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -139,7 +129,7 @@ def summarize(records: list[dict[str, Any]], mode: str, ran: int, elapsed: float
 def evaluate_items(solver: Solver, items: list[Item], out_jsonl: Path,
                    on_item: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Answer every item not already in `out_jsonl` (appending each record as it comes), then summarize all."""
-    done = _read_cache(out_jsonl)
+    done = read_records(out_jsonl)
     pending = [item for item in items if item.id not in done]
     for _ in range(len(items) - len(pending)):
         if on_item:

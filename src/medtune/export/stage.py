@@ -48,10 +48,11 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
     for gguf_type in ordered:
         path = out / file_name(name, gguf_type)
         start = time.perf_counter()
-        if gguf_type in floats:
-            gguf.convert(merged, path, gguf_type.lower())
-        else:
-            gguf.quantize(out / file_name(name, floats[0]), path, gguf_type)
+        with ui.step(f"export {path.name}"):  # minutes for a large model: progress lines while it runs
+            if gguf_type in floats:
+                gguf.convert(merged, path, gguf_type.lower())
+            else:
+                gguf.quantize(out / file_name(name, floats[0]), path, gguf_type)
         timings[gguf_type] = round(time.perf_counter() - start, 2)
         ui.log(f"export: {path.name} ({timings[gguf_type]} s)")
 
@@ -61,9 +62,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
     for gguf_type in ordered:
         path = out / file_name(name, gguf_type)
         start = time.perf_counter()
-        metadata = verify.check_metadata(path, gguf_type, tokenizer.chat_template, eot_id)
-        parity = verify.run_parity(path, merged, cfg.export.check_prompt, limits.smoke_max_tokens,
-                                   logits=gguf_type in floats)
+        with ui.step(f"verify {path.name}"):
+            metadata = verify.check_metadata(path, gguf_type, tokenizer.chat_template, eot_id)
+            parity = verify.run_parity(path, merged, cfg.export.check_prompt, limits.smoke_max_tokens,
+                                       logits=gguf_type in floats)
         file_problems = metadata["problems"] + verify.judge(parity, gguf_type, limits, reference_ppl)
         if reference_ppl is None:
             reference_ppl = parity["perplexity"]["value"]

@@ -92,6 +92,8 @@ def parse_chat_request(raw: bytes, model_id: str) -> tuple[Messages, dict[str, A
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).") from None
+    except RecursionError:  # json's parser recurses once per nesting level (a body of 100,000 "[")
+        raise ApiError(400, "We could not parse the JSON body of your request: it is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
     model = body.get("model")
@@ -248,6 +250,12 @@ class Handler(BaseHTTPRequestHandler):
             if method != "GET" and not self.body_read:
                 self.close_connection = True  # the unread body would be taken for the next request
             self._error(error)
+        except OSError:  # the client went away: nobody to answer
+            self.close_connection = True
+        except Exception as exc:  # a bug must still answer in JSON, not drop the connection
+            traceback.print_exc()
+            self.close_connection = True
+            self._error(ApiError(500, f"internal error: {exc}", kind="server_error"))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _route  # http.server calls do_<METHOD>
 
