@@ -96,6 +96,13 @@ def test_the_ticker_prints_while_the_caller_is_blocked():
     assert ui._ticker is None or not ui._ticker.is_alive()
 
 
+def test_a_long_description_stays_on_one_line():
+    out = io.StringIO()
+    long = "eval /a/very/long/path/" + "x" * 300 + ".gguf medqa"
+    UI(Console(file=out, force_terminal=False, width=80), tick=None).task(long, total=3)
+    assert lines(out) == [f"{long}: 0/3 (0%), 0s"]
+
+
 def test_nothing_is_shown_without_a_console():
     ui = UI()
     task = ui.task("eval", total=2)

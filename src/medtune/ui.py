@@ -166,4 +166,4 @@ class UI:
             line = f"{state.description}: running for {_duration(elapsed)}"
         else:
             line = f"{state.description}: started"
-        self.console.print(line, markup=False, highlight=False)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line, as long as it is
