@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import reasonmed_record, write_jsonl
 
 from medtune.artifacts import RunDir
 from medtune.config import load_config
@@ -25,9 +27,27 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
 
 
-def configure(tiny_config: Path, run_dir: Path, **train) -> Path:
+def preference_pairs(n: int) -> list[dict]:
+    """Pairs on the tiny config's questions: the record's own reply chosen, the same reply ending in another letter
+    rejected."""
+    out = []
+    for i in range(n):
+        record = reasonmed_record(i)
+        right = record["output"].rsplit("The answer is ", 1)[1][0]
+        wrong = "ABCD"[("ABCD".index(right) + 1) % 4]
+        out.append({"prompt": record["instruction"], "chosen": record["output"],
+                    "rejected": record["output"].replace(f"it is {right}", f"it is {wrong}")
+                    .replace(f"The answer is {right}", f"The answer is {wrong}")})
+    return out
+
+
+def configure(tiny_config: Path, run_dir: Path, objective: str = "sft", **train) -> Path:
+    """A run config under `run_dir`; a dpo/orpo objective trains on pairs made from the same questions."""
     raw = yaml.safe_load(tiny_config.read_text())
     raw["run_dir"] = str(run_dir)
+    if objective != "sft":
+        raw["data"]["path"] = str(write_jsonl(run_dir.with_suffix(".pairs.jsonl"), preference_pairs(24)))
+        raw["train"]["objective"] = objective
     raw["train"] |= {"max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "checkpoint_steps": 3,
                      "keep_checkpoints": 2, "threads": 1, "eval_steps": 10} | train
     path = run_dir.with_suffix(".yaml")
@@ -82,12 +102,13 @@ def processes_running(config: Path) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path, processes):
-    """With 2 processes each one's RNG state (LoRA dropout) is restored, not the first one's."""
+@pytest.mark.parametrize("objective,processes", [("sft", 1), ("sft", 2), ("dpo", 1)])
+def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path, objective, processes):
+    """With 2 processes each one's RNG state (LoRA dropout) is restored, not the first one's. A DPO run reads its
+    reference log-probabilities back instead of computing them again."""
     gpus = ("--gpus", str(processes))
-    straight = configure(tiny_config, tmp_path / "straight")
-    killed = configure(tiny_config, tmp_path / "killed")
+    straight = configure(tiny_config, tmp_path / "straight", objective)
+    killed = configure(tiny_config, tmp_path / "killed", objective)
     for cfg in (straight, killed):
         assert medtune("data", str(cfg)).wait() == 0
     assert medtune("train", str(straight), *gpus).wait() == 0
@@ -111,6 +132,7 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert "resuming from" in out
+    assert ("reference log-probabilities" in out) is False  # computed before the kill, read back
 
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert [s for s, _ in losses(tmp_path / "killed")] == list(range(1, STEPS + 1))
@@ -185,12 +207,12 @@ def test_dry_run_plans_without_training(tiny_config, tmp_path, processes):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,objective", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "dpo")])
+def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path, strategy, objective):
     """torchrun (gloo on CPU), replicated or sharded base: the same micro-batches per step give the same losses."""
     curves, weights = {}, {}
     for procs, accum in ((1, 2), (2, 1)):
-        cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=4, grad_accum=accum,
+        cfg = configure(tiny_config, tmp_path / f"run{procs}", objective, max_steps=4, grad_accum=accum,
                         lora={"dropout": 0.0}, eval_steps=None, strategy=strategy)
         assert medtune("data", str(cfg)).wait() == 0
         proc = medtune("train", str(cfg), "--gpus", str(procs))
@@ -220,3 +242,54 @@ def test_a_failing_process_of_a_multi_process_run_is_one_clear_error(tiny_config
     assert "train.attention flex_attention trains on a CUDA GPU only" in err
     assert "of 2 stopped (exit code 2)" in err
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_run_starts_at_ln2_and_records_its_metrics(tiny_config, tmp_path, objective):
+    """DPO's first step: the policy is the reference (LoRA B = 0), loss ln 2, rewards and margins 0. Every step logs
+    the preference metrics to metrics.jsonl and TensorBoard, and the plot has a panel for them."""
+    cfg = load_config(configure(tiny_config, tmp_path / "run", objective, max_steps=4, eval_steps=None,
+                                lora={"dropout": 0.0}))
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    report = run_stage(BY_NAME["train"], cfg, run, UI())
+    metrics = [json.loads(line) for line in (run / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    keys = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "nll"} | ({"log_odds_ratio", "log_odds"} if objective == "orpo" else set())
+    assert all(keys <= m.keys() for m in steps)
+    assert all(m["logps/chosen"] < 0 and m["nll"] > 0 for m in steps)
+    if objective == "dpo":
+        assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert abs(steps[0]["rewards/margins"]) < 1e-4 and abs(steps[0]["rewards/chosen"]) < 1e-4
+        assert steps[-1]["loss"] != steps[0]["loss"]
+        assert len(list((run / "reference").glob("*/train.npy"))) == 1
+    else:  # ORPO: the chosen reply's mean NLL minus lambda x log-sigmoid(log-odds)
+        first = steps[0]
+        assert first["loss"] == pytest.approx(first["nll"] - 0.1 * first["log_odds_ratio"], rel=1e-3)
+    assert report["objective"] == objective and report["final_metrics"]["rewards/accuracies"] >= 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "adapter" / "tensorboard"))
+    events.Reload()
+    assert "train/rewards/margins" in events.Tags()["scalars"]
+
+
+def test_objective_and_prepared_data_must_agree(tiny_config, tmp_path):
+    cfg = load_config(configure(tiny_config, tmp_path / "run", max_steps=2))
+    run = RunDir(cfg.run_dir)
+    run_stage(BY_NAME["data"], cfg, run, UI())
+    cfg.train.objective = "dpo"
+    with pytest.raises(MedtuneError, match="train.objective is dpo but .* holds conversations"):
+        run_stage(BY_NAME["train"], cfg, run, UI())
+
+
+def test_preference_dry_run(tiny_config, tmp_path):
+    cfg = configure(tiny_config, tmp_path / "run", "dpo")
+    assert medtune("data", str(cfg)).wait() == 0
+    proc = medtune("train", str(cfg), "--dry-run")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert re.search(r"objective +│ dpo ", out), out
+    assert not (tmp_path / "run" / "reference").exists()  # timing needs no reference pass
