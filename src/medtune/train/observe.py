@@ -44,7 +44,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot(metrics: list[dict[str, Any]], out: Path) -> None:
-    """Loss (train and validation) and learning rate against the step."""
+    """Loss (train and validation) and learning rate against the step; preference runs add the reward margin and
+    the share of pairs whose chosen reply is preferred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +54,12 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     lr = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    margins = [(m["step"], m["rewards/margins"]) for m in metrics if "rewards/margins" in m]
+    accuracies = [(m["step"], m["rewards/accuracies"]) for m in metrics if "rewards/accuracies" in m]
+    panels = 3 if margins else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2 + 2 * panels), sharex=True,
+                             height_ratios=[3, 2, 1] if margins else [3, 1])
+    ax_loss, ax_lr = axes[0], axes[-1]
     if train:
         ax_loss.plot(*zip(*train), label="train", linewidth=1)
     if val:
@@ -61,6 +67,15 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
+    if margins:
+        ax_pref = axes[1]
+        ax_pref.plot(*zip(*margins), label="reward margin", linewidth=1, color="tab:purple")
+        ax_pref.set_ylabel("reward margin")
+        ax_acc = ax_pref.twinx()
+        ax_acc.plot(*zip(*accuracies), label="chosen preferred", linewidth=1, color="tab:orange")
+        ax_acc.set_ylabel("share chosen > rejected")
+        ax_acc.set_ylim(0, 1)
+        ax_pref.grid(alpha=0.3)
     if lr:
         ax_lr.plot(*zip(*lr), color="tab:green")
     ax_lr.set_ylabel("learning rate")
