@@ -234,7 +234,7 @@ def test_hf_sampler_on_a_tiny_model_is_seeded(tiny_base):
 
 
 def test_pipeline_stage_cli_and_data_path(pairs_config):
-    from medtune.data.prepare import data_path
+    from medtune.data.common import data_path
 
     cfg = load_config(pairs_config, ["pairs.samples=2", "pairs.limit=2", "chat.max_tokens=4",
                                      "pairs.max_new_tokens=4"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 NGRAM = 8
 THRESHOLD = 0.5
@@ -75,3 +76,13 @@ class ContaminationGuard:
             if score >= THRESHOLD and (bench, item_id) not in found:
                 found[(bench, item_id)] = Match(bench, item_id, "near", round(score, 3))
         return list(found.values())
+
+
+def guard_for(benchmarks: list[Any]) -> ContaminationGuard | None:
+    """The guard over a run's evaluation sets (config `eval.benchmarks`: name, kind, path); None without any."""
+    if not benchmarks:
+        return None
+    from medtune.formats.benchmarks import load_benchmark
+
+    return ContaminationGuard({b.name: [(i.id, i.question) for i in load_benchmark(b.kind, b.path)]
+                               for b in benchmarks})

@@ -31,8 +31,9 @@ from typing import Any
 from medtune.answers import extract_letter, question_options
 from medtune.artifacts import RunDir, atomic_write_json, atomic_write_text, fingerprint, sha256_file
 from medtune.config import Config, PairsConfig
-from medtune.contamination import ContaminationGuard, question_stem
+from medtune.contamination import guard_for, question_stem
 from medtune.errors import MedtuneError
+from medtune.formats.benchmarks import load_benchmark
 from medtune.formats.choice import BadItem, Item, pubmedqa_item, question_prompt, reasonmed_record
 from medtune.formats.files import iter_raw_records
 from medtune.ui import UI
@@ -55,14 +56,6 @@ class Question:
     options: dict[str, str]
     answer: str  # the correct letter
     reference: str | None = None  # the record's own reasoning ending in its answer (ReasonMed `output`)
-
-
-def _load_benchmark(kind: str, path: Path) -> list[Item]:
-    # The whole-file benchmark loaders (MedMCQA's cop base, MMLU's CSVs, PubMedQA's test ids) are still in the
-    # evaluation package; its per-record readers are already shared (medtune.formats).
-    from medtune.evaluate.benchmarks import load_benchmark
-
-    return load_benchmark(kind, path)
 
 
 def _records(path: Path) -> Iterator[tuple[str, str, Any]]:
@@ -99,7 +92,7 @@ def load_questions(pc: PairsConfig) -> tuple[list[Question], dict[str, Any]]:
         return [_from_item(i, item) for i, item in enumerate(items)], skipped
     if pc.kind != "reasonmed":
         try:
-            items = _load_benchmark(pc.kind, pc.questions)
+            items = load_benchmark(pc.kind, pc.questions)
         except MedtuneError as exc:
             raise MedtuneError(f"{exc} (pairs.kind is {pc.kind})") from None
         return [_from_item(i, item) for i, item in enumerate(items)], skipped
@@ -124,13 +117,6 @@ def load_questions(pc: PairsConfig) -> tuple[list[Question], dict[str, Any]]:
         raise MedtuneError(f"{pc.questions}: no record has lettered options and an output ending in a final answer "
                            "(pairs.kind reasonmed)")
     return questions, skipped
-
-
-def contamination_guard(cfg: Config) -> ContaminationGuard | None:
-    if not cfg.eval.benchmarks:
-        return None
-    return ContaminationGuard({b.name: [(i.id, i.question) for i in _load_benchmark(b.kind, b.path)]
-                               for b in cfg.eval.benchmarks})
 
 
 def grade(question: Question, reply: Any, sample: int) -> dict[str, Any]:
@@ -308,7 +294,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
                            "make preference pairs")
     started = time.monotonic()
     questions, unusable = load_questions(pc)
-    guard = contamination_guard(cfg)
+    guard = guard_for(cfg.eval.benchmarks)
     refused: list[dict[str, Any]] = []
     kept: list[Question] = []
     for q in questions:

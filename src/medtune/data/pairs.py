@@ -41,8 +41,8 @@ from medtune.artifacts import atomic_write_json
 from medtune.config import Config
 from medtune.contamination import question_stem
 from medtune.data import lengths as length_policy
+from medtune.data.common import BATCH, SplitWriter, batches, contamination_guard, data_path, percentiles
 from medtune.data.formatting import ChatFormatter, Encoded
-from medtune.data.prepare import BATCH, SplitWriter, _batches, _percentiles, contamination_guard, data_path
 from medtune.data.sources import DEFAULT_MAX_CHARS, ROLES, Rejection, _BadRecord, _describe_keys, _text, detect_schema
 from medtune.errors import MedtuneError
 from medtune.formats.files import RawRecord, check_text_file, iter_raw_records
@@ -320,7 +320,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
     if dc.limit is not None:
         records = islice(records, dc.limit)
 
-    for batch in _batches(records, BATCH):
+    for batch in batches(records, BATCH):
         read += len(batch)
         rejected += [r for r in batch if isinstance(r, Rejection)]
         pairs = [p for p in batch if isinstance(p, Pair)]
@@ -372,7 +372,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
 
     replies = {
         side: {
-            "lengths": _percentiles(lengths[side]),
+            "lengths": percentiles(lengths[side]),
             "over_max_len": stats[side]["over_max_len"],
             "share_over_max_len": round(stats[side]["over_max_len"] / max(1, len(lengths[side])), 4),
             "truncated": stats[side]["truncated"],

@@ -19,38 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medtune.answers import final_answer
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
-from medtune.contamination import ContaminationGuard, question_stem
+from medtune.contamination import question_stem
 from medtune.data import lengths as length_policy
-from medtune.data.formatting import ChatFormatter, Encoded
-from medtune.data.packing import efficiency, pack
+from medtune.data.common import BATCH, SplitWriter, batches, contamination_guard, data_path, percentiles
+from medtune.data.formatting import ChatFormatter
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
 from medtune.errors import MedtuneError
-from medtune.hub import hub_file
 from medtune.models import load_tokenizer, resolve_base
 from medtune.ui import UI
-
-BATCH = 512
-
-
-def data_path(cfg: Config) -> Path:
-    if cfg.pairs is not None:  # the pairs stage's output
-        return RunDir(cfg.run_dir).require("pairs", "medtune pairs CONFIG") / "pairs.jsonl"
-    if cfg.data.path is not None:
-        return cfg.data.path
-    return Path(hub_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision))
 
 
 def read_source(cfg: Config) -> tuple[str, Iterator[Conversation | Rejection]]:
@@ -64,66 +50,10 @@ def read_source(cfg: Config) -> tuple[str, Iterator[Conversation | Rejection]]:
     return str(source), read_records(source, dc.schema_, dc.max_chars)
 
 
-def _as_numpy(buffer: array, dtype: type) -> np.ndarray:
-    return np.frombuffer(buffer, dtype=dtype) if len(buffer) else np.zeros(0, dtype)
-
-
-class SplitWriter:
-    """Accumulates one split's examples as flat typed arrays and writes them as .npy files."""
-
-    def __init__(self) -> None:
-        self.ids = array("i")
-        self.mask = array("B")
-        self.lengths = array("q")
-
-    def add(self, enc: Encoded) -> None:
-        self.ids.extend(enc.input_ids)
-        self.mask.extend(enc.loss_mask)
-        self.lengths.append(len(enc.input_ids))
-
-    def write(self, out: Path, name: str, max_len: int, packing: bool) -> dict[str, Any]:
-        lengths = _as_numpy(self.lengths, np.int64)
-        mask = _as_numpy(self.mask, np.uint8)
-        np.save(out / f"{name}.ids.npy", _as_numpy(self.ids, np.int32))
-        np.save(out / f"{name}.mask.npy", mask)
-        np.save(out / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        info: dict[str, Any] = {"rows": len(lengths), "tokens": int(lengths.sum()),
-                                "trained_tokens": int(np.count_nonzero(mask))}
-        if packing:
-            rows = pack(lengths, max_len)
-            np.save(out / f"{name}.packs.npy", np.array([i for row in rows for i in row], dtype=np.int64))
-            np.save(out / f"{name}.pack_offsets.npy",
-                    np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64))
-            info |= {"packed_rows": len(rows), "packing_efficiency": round(efficiency(lengths, rows, max_len), 4)}
-        return info
-
-
 def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
     digest = hashlib.blake2b(json.dumps(conv.messages, sort_keys=True).encode(), digest_size=8,
                              key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
-def contamination_guard(cfg: Config) -> ContaminationGuard | None:
-    if cfg.data.contamination == "ignore" or not cfg.eval.benchmarks:
-        return None
-    from medtune.formats.benchmarks import load_benchmark
-
-    return ContaminationGuard({b.name: [(i.id, i.question) for i in load_benchmark(b.kind, b.path)]
-                               for b in cfg.eval.benchmarks})
-
-
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    while batch := list(islice(it, size)):
-        yield batch
-
-
-def _percentiles(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    arr = np.asarray(values)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}
 
 
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
@@ -148,7 +78,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     if dc.limit is not None:
         records = islice(records, dc.limit)
 
-    for batch in _batches(records, BATCH):
+    for batch in batches(records, BATCH):
         counts["read"] += len(batch)
         rejected += [r for r in batch if isinstance(r, Rejection)]
         convs = [c for c in batch if isinstance(c, Conversation)]
@@ -220,7 +150,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         "splits": split_info,
         "max_len": dc.max_len,
         "length_policy": dc.length_policy,
-        "lengths": _percentiles(lengths),
+        "lengths": percentiles(lengths),
         "over_max_len": over,
         "share_over_max_len": round(over / max(1, len(lengths)), 4),
         "truncated": counts["truncated"],

@@ -1,0 +1,80 @@
+"""What the data stage's two record kinds (conversations: prepare.py; preference pairs: pairs.py) share: the source
+path, the contamination guard, batching, length percentiles and the writer of a split's arrays."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.artifacts import RunDir
+from medtune.config import Config
+from medtune.contamination import ContaminationGuard, guard_for
+from medtune.data.formatting import Encoded
+from medtune.data.packing import efficiency, pack
+from medtune.hub import hub_file
+
+BATCH = 512
+
+
+def data_path(cfg: Config) -> Path:
+    if cfg.pairs is not None:  # the pairs stage's output
+        return RunDir(cfg.run_dir).require("pairs", "medtune pairs CONFIG") / "pairs.jsonl"
+    if cfg.data.path is not None:
+        return cfg.data.path
+    return Path(hub_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision))
+
+
+def _as_numpy(buffer: array, dtype: type) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=dtype) if len(buffer) else np.zeros(0, dtype)
+
+
+class SplitWriter:
+    """Accumulates one split's examples as flat typed arrays and writes them as .npy files."""
+
+    def __init__(self) -> None:
+        self.ids = array("i")
+        self.mask = array("B")
+        self.lengths = array("q")
+
+    def add(self, enc: Encoded) -> None:
+        self.ids.extend(enc.input_ids)
+        self.mask.extend(enc.loss_mask)
+        self.lengths.append(len(enc.input_ids))
+
+    def write(self, out: Path, name: str, max_len: int, packing: bool) -> dict[str, Any]:
+        lengths = _as_numpy(self.lengths, np.int64)
+        mask = _as_numpy(self.mask, np.uint8)
+        np.save(out / f"{name}.ids.npy", _as_numpy(self.ids, np.int32))
+        np.save(out / f"{name}.mask.npy", mask)
+        np.save(out / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        info: dict[str, Any] = {"rows": len(lengths), "tokens": int(lengths.sum()),
+                                "trained_tokens": int(np.count_nonzero(mask))}
+        if packing:
+            rows = pack(lengths, max_len)
+            np.save(out / f"{name}.packs.npy", np.array([i for row in rows for i in row], dtype=np.int64))
+            np.save(out / f"{name}.pack_offsets.npy",
+                    np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64))
+            info |= {"packed_rows": len(rows), "packing_efficiency": round(efficiency(lengths, rows, max_len), 4)}
+        return info
+
+
+def contamination_guard(cfg: Config) -> ContaminationGuard | None:
+    return None if cfg.data.contamination == "ignore" else guard_for(cfg.eval.benchmarks)
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}
