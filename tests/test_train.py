@@ -293,3 +293,16 @@ def test_preference_dry_run(tiny_config, tmp_path):
     assert proc.returncode == 0, err
     assert re.search(r"objective +│ dpo ", out), out
     assert not (tmp_path / "run" / "reference").exists()  # timing needs no reference pass
+
+
+def test_gradient_checkpointing_changes_memory_not_the_losses(tiny_config, tmp_path):
+    curves = {}
+    for flag in (False, True):
+        cfg = load_config(configure(tiny_config, tmp_path / f"run{flag}", max_steps=3, eval_steps=None,
+                                    lora={"dropout": 0.0}, gradient_checkpointing=flag))
+        run = RunDir(cfg.run_dir)
+        run_stage(BY_NAME["data"], cfg, run, UI())
+        run_stage(BY_NAME["train"], cfg, run, UI())
+        curves[flag] = [loss for _, loss in losses(cfg.run_dir)]
+    assert len(curves[True]) == 3
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5)

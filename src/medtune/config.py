@@ -98,6 +98,9 @@ class TrainConfig(Section):
     # FlashAttention over the examples of packed rows (CUDA) — see BENCHMARKS.md
     attention: Literal["auto", "sdpa", "flex_attention", "varlen", "eager"] = "auto"
     compile: bool = False  # torch.compile the decoder (GPU; packed rows give it fixed shapes)
+    # recompute each decoder layer's activations in the backward pass: a fraction of the memory for about a quarter
+    # more compute (the activations, not the weights, fill memory at long rows)
+    gradient_checkpointing: bool = False
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)  # validation loss every N steps (and always at start and end)
     checkpoint_steps: int = Field(100, gt=0)  # checkpoint every N steps (and at the end)

@@ -130,6 +130,8 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     sharded = tc.strategy == "fsdp" and dist.world > 1
     model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
                                               tc.attention), cfg, ui)
+    if tc.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under torch.compile
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.compile:
         # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
         # of labelled positions has a data-dependent shape and stays outside the compiled graph.
