@@ -133,7 +133,7 @@ def parse_variant(name: str) -> dict:
 
 def bench_setup(model, loss_model, optimizer, steps: int, precision: str = "bf16") -> Setup:
     """The engine's view of a model built here: one process, bf16 autocast (or fp32), a constant learning rate."""
-    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision=precision, pad_id=PAD,
+    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision=precision,
                  model=model, loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad],
                  weights_gib=0.0,
                  optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),

@@ -11,7 +11,7 @@ import torch
 
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, load_tokenizer, resolve_base
+from medtune.models import load_model, resolve_base
 from medtune.train.loss import CausalLMLoss
 from medtune.train.optim import Adafactor
 from medtune.train.parallel import Distributed, shard
@@ -91,7 +91,6 @@ class Setup:
     dist: Distributed
     device: torch.device
     precision: str
-    pad_id: int
     model: Any  # the PEFT model
     loss_model: CausalLMLoss  # the root module (sharded under fsdp)
     params: list[torch.nn.Parameter]  # the trainable tensors
@@ -125,7 +124,6 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
         raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
                            "to false, or use strategy ddp")
     base = resolve_base(cfg.base.model, cfg.base.revision)
-    pad_id = load_tokenizer(base).pad_token_id
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     sharded = tc.strategy == "fsdp" and dist.world > 1
     model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
@@ -153,5 +151,5 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     optimizer = build_optimizer(cfg, params)
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    return Setup(cfg, dist, device, precision, pad_id, model, loss_model, params, weights_gib, optimizer, scheduler,
+    return Setup(cfg, dist, device, precision, model, loss_model, params, weights_gib, optimizer, scheduler,
                  scaler, window, total_steps)

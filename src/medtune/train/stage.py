@@ -23,6 +23,7 @@ import torch
 from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import Config
 from medtune.errors import MedtuneError
+from medtune.models import load_tokenizer, resolve_base
 from medtune.train import engine, objectives
 from medtune.train import setup as setups
 from medtune.train.observe import plot, read_metrics
@@ -93,8 +94,6 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
                            f"(medtune data CONFIG) or set train.objective to "
                            f"{'dpo or orpo' if kind == 'pairs' else 'sft'}")
     packed = (prepared / "train.packs.npy").is_file()
-    from medtune.models import load_tokenizer, resolve_base
-
     pad_id = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision)).pad_token_id
     objective = objectives.build(tc, pad_id, cfg.data.max_len, packed)
     items = {split: objective.load(prepared, split) for split in ("train", "val")}
