@@ -138,6 +138,21 @@ def test_eval_stage_alone_needs_no_gguf_folder(tiny_config, tmp_path):
     assert len(read_jsonl(out / "base" / "bench.jsonl")) == 2
 
 
+def test_eval_stage_adds_the_loglik_view_of_loglik_models(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    cfg.eval = cfg.eval.model_copy(update={"models": ["base"], "mode": "generate", "max_new_tokens": 4, "limit": 2,
+                                           "loglik_models": ["base"]})
+    out = tmp_path / "eval"
+    out.mkdir()
+    summary = stage.run(cfg, RunDir(cfg.run_dir), out, UI())
+    assert summary["mode"] == "generate" and summary["loglik"]["mode"] == "loglik"
+    scored = json.loads((out / "loglik" / "summary.json").read_text())
+    assert scored["models"]["base"]["bench"]["n"] == 2 and scored["models"]["base"]["bench"]["extraction_failures"] == 0
+    assert {r["id"] for r in read_jsonl(out / "loglik" / "base" / "bench.jsonl")} == \
+        {r["id"] for r in read_jsonl(out / "base" / "bench.jsonl")}
+    assert "log-likelihood" in (out / "loglik" / "results.md").read_text()
+
+
 def test_gguf_types_need_the_export_folder(tiny_config):
     cfg = load_config(tiny_config)
     run = RunDir(cfg.run_dir)

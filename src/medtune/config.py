@@ -174,6 +174,8 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(512, gt=0)
     mode: Literal["generate", "loglik"] = "generate"  # loglik: options' log-likelihood, lm-eval style (HF models)
     batch_size: int | None = Field(None, gt=0)  # HF items per batch; None: 16 on a GPU, 1 (generate) / 8 (loglik)
+    # mode generate: these HF models ("base", "merged", paths) are also scored by log-likelihood, into eval/loglik/
+    loglik_models: list[str] = []
 
 
 class Config(Section):

@@ -49,4 +49,13 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
 
         summary = json.loads((run_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
         console.print(comparison_table(summary), markup=False, highlight=False)
+        if summary.get("mode", "generate") == "generate":
+            console.print("answers without an extractable letter: " + ", ".join(
+                f"{model} {s['extraction_failure_rate']:.0%} ({bench})"
+                for model, per_model in summary["models"].items() for bench, s in per_model.items()), highlight=False)
+        loglik = run_dir / "eval" / "loglik"
+        if (loglik / "summary.json").is_file():
+            console.print(f"\n[bold]Evaluation, log-likelihood of the options[/] ({loglik / 'results.md'})")
+            console.print(comparison_table(json.loads((loglik / "summary.json").read_text(encoding="utf-8"))),
+                          markup=False, highlight=False)
     console.print(f"\n[dim italic]{DISCLAIMER}[/]")

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from medtune.answers import final_answer
+from medtune.config import load_config
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,7 @@ def test_data_report_counts_add_up(demo_run):
 
 def test_training_lowered_validation_loss(demo_run):
     report = json.loads((demo_run[0] / "adapter" / "train_report.json").read_text())
-    assert report["steps"] == 6
+    assert report["steps"] == load_config(ROOT / "configs" / "demo.yaml").train.max_steps
     assert report["val_loss_after"] < report["val_loss_before"]
 
 
@@ -91,6 +99,35 @@ def test_eval_table(demo_run):
         assert result["n"] == 8
         assert 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
     assert "| Q4_K_M | medqa-sample | 8 |" in (demo_run[0] / "eval" / "results.md").read_text()
+
+
+def test_tuned_model_learned_the_answer_format(demo_run):
+    """The tuned file ends its answers the way the training data does, and loses no more answers than the base."""
+    run_dir, proc = demo_run
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    base, tuned = (summary["models"][m]["medqa-sample"] for m in ("base", "Q4_K_M"))
+    assert tuned["extraction_failures"] <= base["extraction_failures"]
+    records = read_jsonl(run_dir / "eval" / "Q4_K_M" / "medqa-sample.jsonl")
+    last_lines = [r["output"].strip().splitlines()[-1] if r["output"].strip() else "" for r in records]
+    explicit = [line for line in last_lines if re.fullmatch(r"The answer is [A-E]\.", line.strip())]
+    assert len(explicit) >= 6, last_lines  # of 8: the final line of the training data, "The answer is X."
+    sample = json.loads((run_dir / "gguf" / "manifest.json").read_text())["results"]["files"]["Q4_K_M"]
+    assert final_answer(sample["runtime"]["text"], load_config(ROOT / "configs" / "demo.yaml").export.check_prompt)
+    assert "answers without an extractable letter: base" in proc.stdout
+
+
+def test_loglik_view_of_base_and_merged(demo_run):
+    run_dir, proc = demo_run
+    summary = json.loads((run_dir / "eval" / "loglik" / "summary.json").read_text())
+    assert summary["mode"] == "loglik" and list(summary["models"]) == ["base", "merged"]
+    for per_model in summary["models"].values():
+        result = per_model["medqa-sample"]
+        assert result["n"] == 8 and result["extraction_failures"] == 0
+    # the same 8 items in both views
+    generated = read_jsonl(run_dir / "eval" / "base" / "medqa-sample.jsonl")
+    scored = read_jsonl(run_dir / "eval" / "loglik" / "merged" / "medqa-sample.jsonl")
+    assert {r["id"] for r in scored} == {r["id"] for r in generated}
+    assert "log-likelihood of the options" in proc.stdout
 
 
 def test_second_run_does_no_work(demo_run):

@@ -2,7 +2,9 @@
 
 `eval.models` names GGUF types of this run (`Q4_K_M`: its file in gguf/), `merged`, `base`, or paths. Only GGUF
 types need gguf/; `merged` needs merged/. Output folder `eval/` is what `suite.evaluate_models` writes; per-item
-results are cached in `<run>/eval_cache/`, so an interrupted evaluation resumes where it stopped.
+results are cached in `<run>/eval_cache/`, so an interrupted evaluation resumes where it stopped. With mode
+generate, `eval.loglik_models` are also scored by the options' log-likelihood on the same items, reported the same
+way in `eval/loglik/`.
 """
 
 from __future__ import annotations
@@ -51,5 +53,14 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     models = {ref: model_path(ref, cfg, run_dir, hf=loglik) for ref in cfg.eval.models}
     for ref, path in models.items():
         check_model(ref, path, cfg.eval.mode, "eval.models")
-    return evaluate_models(models, cfg.eval, out, run_dir / "eval_cache", ui, seed=cfg.seed, n_ctx=cfg.chat.n_ctx,
-                           prepared=run_dir / "prepared")
+    # the log-likelihood view beside generation: it does not depend on a model writing its answer in a findable form
+    scored = {} if loglik else {ref: model_path(ref, cfg, run_dir, hf=True) for ref in cfg.eval.loglik_models}
+    for ref, path in scored.items():
+        check_model(ref, path, "loglik", "eval.loglik_models")
+    summary = evaluate_models(models, cfg.eval, out, run_dir / "eval_cache", ui, seed=cfg.seed, n_ctx=cfg.chat.n_ctx,
+                              prepared=run_dir / "prepared")
+    if scored:
+        section = cfg.eval.model_copy(update={"mode": "loglik", "models": list(scored)})
+        summary["loglik"] = evaluate_models(scored, section, out / "loglik", run_dir / "eval_cache", ui, seed=cfg.seed,
+                                            n_ctx=cfg.chat.n_ctx, prepared=run_dir / "prepared")
+    return summary
