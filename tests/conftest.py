@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,14 @@ def tiny_config(tmp_path, tiny_base) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`medtune run configs/demo.yaml` once per session (the end-to-end tests read its run directory)."""
+    run_dir = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "medtune.cli", "run", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
+           "--set", "eval.limit=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
