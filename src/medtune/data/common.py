@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import numpy as np
 
 from medtune.artifacts import RunDir
 from medtune.config import Config
-from medtune.contamination import ContaminationGuard, guard_for
+from medtune.contamination import ContaminationGuard, guard_for, question_stem
 from medtune.data.formatting import Encoded
 from medtune.data.packing import efficiency, pack
+from medtune.data.sources import Rejection
 from medtune.hub import hub_file
 
 BATCH = 512
@@ -65,6 +67,25 @@ class SplitWriter:
 
 def contamination_guard(cfg: Config) -> ContaminationGuard | None:
     return None if cfg.data.contamination == "ignore" else guard_for(cfg.eval.benchmarks)
+
+
+def dropped_as_contaminated(guard: ContaminationGuard | None, location: str, messages: list[dict[str, str]],
+                            policy: str, contaminated: list[dict[str, Any]], rejected: list[Rejection],
+                            schema: str = "") -> bool:
+    """Check a training record's first user turn against the evaluation questions: an overlap is recorded in
+    `contaminated`; with the `drop` policy the record is rejected too and True is returned."""
+    if guard is None:
+        return False
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    matches = guard.check(question_stem(user))
+    if not matches:
+        return False
+    contaminated.append({"location": location, "matches": [asdict(m) for m in matches]})
+    if policy != "drop":
+        return False
+    rejected.append(Rejection(location, "overlaps an evaluation question",
+                              f"{matches[0].benchmark} {matches[0].item_id}", schema))
+    return True
 
 
 def batches(items: Iterable, size: int) -> Iterator[list]:

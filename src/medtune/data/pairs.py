@@ -39,9 +39,16 @@ from typing import Any
 from medtune.answers import final_answer
 from medtune.artifacts import atomic_write_json
 from medtune.config import Config
-from medtune.contamination import question_stem
 from medtune.data import lengths as length_policy
-from medtune.data.common import BATCH, SplitWriter, batches, contamination_guard, data_path, percentiles
+from medtune.data.common import (
+    BATCH,
+    SplitWriter,
+    batches,
+    contamination_guard,
+    data_path,
+    dropped_as_contaminated,
+    percentiles,
+)
 from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.sources import DEFAULT_MAX_CHARS, ROLES, Rejection, _BadRecord, _describe_keys, _text, detect_schema
 from medtune.errors import MedtuneError
@@ -325,15 +332,9 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
         rejected += [r for r in batch if isinstance(r, Rejection)]
         pairs = [p for p in batch if isinstance(p, Pair)]
         for pair, encs in zip(pairs, encode_pairs(formatter, pairs)):
-            if guard is not None:
-                user = next(m["content"] for m in pair.prompt if m["role"] == "user")
-                matches = guard.check(question_stem(user))
-                if matches:
-                    contaminated.append({"location": pair.location, "matches": [asdict(m) for m in matches]})
-                    if dc.contamination == "drop":
-                        rejected.append(Rejection(pair.location, "overlaps an evaluation question",
-                                                  f"{matches[0].benchmark} {matches[0].item_id}", "pairs"))
-                        continue
+            if dropped_as_contaminated(guard, pair.location, pair.prompt, dc.contamination, contaminated, rejected,
+                                       "pairs"):
+                continue
             sizes = {side: len(enc.input_ids) for side, enc in zip(SIDES, encs)}
             for side in SIDES:
                 lengths[side].append(sizes[side])

@@ -29,9 +29,16 @@ from typing import Any
 from medtune.answers import final_answer
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
-from medtune.contamination import question_stem
 from medtune.data import lengths as length_policy
-from medtune.data.common import BATCH, SplitWriter, batches, contamination_guard, data_path, percentiles
+from medtune.data.common import (
+    BATCH,
+    SplitWriter,
+    batches,
+    contamination_guard,
+    data_path,
+    dropped_as_contaminated,
+    percentiles,
+)
 from medtune.data.formatting import ChatFormatter
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
 from medtune.errors import MedtuneError
@@ -83,15 +90,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         rejected += [r for r in batch if isinstance(r, Rejection)]
         convs = [c for c in batch if isinstance(c, Conversation)]
         for conv, enc in zip(convs, formatter.encode_batch([list(c.messages) for c in convs])):
-            if guard is not None:
-                user = next(m["content"] for m in conv.messages if m["role"] == "user")
-                matches = guard.check(question_stem(user))
-                if matches:
-                    contaminated.append({"location": conv.location, "matches": [asdict(m) for m in matches]})
-                    if dc.contamination == "drop":
-                        rejected.append(Rejection(conv.location, "overlaps an evaluation question",
-                                                  f"{matches[0].benchmark} {matches[0].item_id}"))
-                        continue
+            if dropped_as_contaminated(guard, conv.location, conv.messages, dc.contamination, contaminated, rejected):
+                continue
             lengths.append(len(enc.input_ids))
             if len(enc.input_ids) > dc.max_len:
                 counts["over_max_len"] += 1
