@@ -306,3 +306,18 @@ def test_gradient_checkpointing_changes_memory_not_the_losses(tiny_config, tmp_p
         curves[flag] = [loss for _, loss in losses(cfg.run_dir)]
     assert len(curves[True]) == 3
     assert curves[True] == pytest.approx(curves[False], rel=1e-5)
+
+
+def test_reference_cache_follows_a_rebuilt_starting_model(tiny_config, tmp_path):
+    """A DPO run from an earlier run's merged/ must not reuse reference log-probabilities of the model it replaced."""
+    from medtune.train.stage import reference_key
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    cfg = load_config(configure(tiny_config, tmp_path / "run", "dpo"), [f"base.model={merged}"])
+    run = RunDir(cfg.run_dir)
+    keys = []
+    for build in ("first", "rebuilt", "rebuilt"):
+        (merged / "manifest.json").write_text(json.dumps({"fingerprint": build}))
+        keys.append(reference_key(cfg, run))
+    assert keys[0] != keys[1] == keys[2]

@@ -13,6 +13,7 @@ Output folder `adapter/`: the PEFT adapter (adapter_model.safetensors, adapter_c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from medtune.errors import MedtuneError
 from medtune.models import load_tokenizer, resolve_base
 from medtune.train import engine, objectives
 from medtune.train import setup as setups
+from medtune.train.objectives.preference import reference_logps
 from medtune.train.observe import plot, read_metrics
 from medtune.ui import UI
 
@@ -37,10 +39,13 @@ def resume_key(cfg: Config, run_dir: RunDir) -> str:
 
 
 def reference_key(cfg: Config, run_dir: RunDir) -> str:
-    """The reference log-probabilities depend on the starting model, the prepared pairs and the numerics."""
+    """The reference log-probabilities depend on the starting model, the prepared pairs and the numerics. A starting
+    model that is an earlier run's merged/ folder counts by its manifest's fingerprint: rebuilt, it is another model."""
     tc = cfg.train
-    return fingerprint({"base": cfg.base.model_dump(mode="json"), "precision": tc.precision, "device": tc.device,
-                        "attention": tc.attention, "qlora": tc.qlora,
+    manifest = Path(cfg.base.model) / "manifest.json"
+    built = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") if manifest.is_file() else None
+    return fingerprint({"base": cfg.base.model_dump(mode="json"), "base_build": built, "precision": tc.precision,
+                        "device": tc.device, "attention": tc.attention, "qlora": tc.qlora,
                         "data": (run_dir.manifest("prepared") or {}).get("fingerprint")})
 
 
@@ -63,8 +68,6 @@ def attach_reference(cfg: Config, run_dir: RunDir, s: setups.Setup, objective: A
             reference = np.load(path)
         else:
             ui.log(f"train: reference log-probabilities of {len(pairs)} {split} pairs (the starting model)")
-            from medtune.train.objectives.preference import reference_logps
-
             part = reference_logps(objective, s.loss_model, s.model, pairs, s.cfg.train.batch_size, s.device,
                                    s.autocast, s.dist.rank, s.dist.world)
             reference = torch.from_numpy(np.nan_to_num(part, nan=0.0))
@@ -74,6 +77,8 @@ def attach_reference(cfg: Config, run_dir: RunDir, s: setups.Setup, objective: A
                 tmp = folder / f".{split}.npy.partial"
                 with open(tmp, "wb") as fh:
                     np.save(fh, reference)
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 tmp.replace(path)
         out[split] = objective.with_reference(pairs, reference)
     return out
