@@ -78,6 +78,7 @@ GUARD_ONLY = {"medqa-5": "medreason_eval/medqa_test.jsonl", "medbullets-5": "med
 SEEDS = (1, 2, 3)
 VARIANTS = ("base", "sft-seed", *(f"sft-fast-s{s}" for s in SEEDS), "rpo")
 CHAIN = ("base", "sft-seed", "sft-fast-s1", "rpo")
+FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged", "eval": "eval"}
 QUANT_LIMIT = {"pubmedqa": None, "medqa": 300}  # the Q4_K_M file on a CPU: all of PubMedQA, 300 MedQA items
 
 
@@ -232,8 +233,8 @@ def pack(out: Path) -> Path:
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(info.name).parts
-        skip = {"cache", "checkpoints", "merged", "reference", "tensorboard"}
-        if skip & set(parts) or info.name.endswith((".arrow", ".npy", ".bin")):
+        skip = {"cache", "checkpoints", "reference", "tensorboard"}
+        if skip & set(parts) or parts[1:2] == ("merged",) or info.name.endswith((".arrow", ".npy", ".bin")):
             return None
         return info
 
@@ -265,7 +266,10 @@ def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float 
         extra_here = [o for o in extra if o.partition(".")[0] in sections]  # a section the config has
         sets = [x for o in [*overrides, *extra_here] for x in ("--set", o)]
         timings[variant] = {}
+        run_dir = STUDY / variant
         for stage in stages:
+            if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
+                continue
             seconds = medtune(stage, str(CONFIGS / config), *sets, log=log)
             timings[variant][stage] = round(seconds, 1)
             STUDY.mkdir(parents=True, exist_ok=True)
@@ -291,7 +295,7 @@ def run_quant(variant: str) -> None:
     for name, limit in QUANT_LIMIT.items():
         kind, file = BENCHMARKS[name]
         args = ["eval", "--model", str(gguf), "--benchmark", f"{kind}:{DATA / 'eval' / file}",
-                "--out", str(run_dir / "eval-q4" / name), "--max-new-tokens", "512"]
+                "--out", str(run_dir / "eval-q4" / name), "--max-new-tokens", "256"]
         if limit:
             args += ["--limit", str(limit)]
         medtune(*args, log=log)
@@ -310,7 +314,7 @@ def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
     found: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for variant in VARIANTS:
         run = STUDY / variant
-        label = "base" if variant == "base" else "merged"
+        label = "base-hf" if variant == "base" else "merged"
         for name in BENCHMARKS:
             for mode, path in (("generate", run / "eval" / label / f"{name}.jsonl"),
                                ("loglik", run / "eval" / "loglik" / label / f"{name}.jsonl")):
@@ -332,6 +336,13 @@ def summarize(records: dict[str, dict[str, Any]], reference: dict[str, dict[str,
     low, high = wilson_interval(correct, n)
     row: dict[str, Any] = {"n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high,
                            "extraction_failure_rate": sum(r["extracted"] is None for r in records.values()) / n}
+    answered = [r for r in records.values() if r["extracted"] is not None]
+    # accuracy where an answer was found: tells a better answer apart from a findable one
+    row["accuracy_when_extracted"] = sum(bool(r["correct"]) for r in answered) / len(answered) if answered else None
+    tokens = sorted(r["completion_tokens"] for r in records.values() if "completion_tokens" in r)
+    if tokens:
+        row["median_completion_tokens"] = tokens[len(tokens) // 2]
+        row["cut_at_max_new_tokens"] = sum(r.get("finish_reason") == "length" for r in records.values())
     if reference is not None:
         test = paired_comparison({k: bool(v["correct"]) for k, v in reference.items()},
                                  {k: bool(v["correct"]) for k, v in records.items()})
@@ -416,8 +427,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| variant | benchmark | mode | n | accuracy (95% CI) | extraction failures | vs base: p (b/c) |",
-             "| --- | --- | --- | ---: | --- | ---: | --- |"]
+    lines = ["| variant | benchmark | mode | n | accuracy % (95% CI) | extraction failures | accuracy when extracted "
+             "| vs base: McNemar p (base only / variant only) |", "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for row in sorted(result["results"], key=lambda r: (list(BENCHMARKS).index(r["benchmark"]), r["mode"],
                                                          order.get(r["variant"].removesuffix("-Q4_K_M"), 99))):
@@ -425,7 +436,7 @@ def markdown(result: dict[str, Any]) -> str:
         test = f"{vs['p_value']:.2g} ({vs['only_reference']}/{vs['only_this']})" if vs else "—"
         lines.append(f"| {row['variant']} | {row['benchmark']} | {row['mode']} | {row['n']} | "
                      f"{100 * row['accuracy']:.1f} ({100 * row['ci_low']:.1f}–{100 * row['ci_high']:.1f}) | "
-                     f"{100 * row['extraction_failure_rate']:.1f}% | {test} |")
+                     f"{100 * row['extraction_failure_rate']:.1f}% | {100 * row['accuracy_when_extracted']:.1f} | {test} |")
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monk
     monkeypatch.setattr(study, "DATA", tmp_path / "data")
     base = [True] * 10 + [False] * 30
     tuned = [False] * 2 + [True] * 8 + [True] * 12 + [False] * 18  # 2 lost, 12 gained
-    _write(tmp_path / "base" / "eval" / "base" / "medqa.jsonl", base)
+    _write(tmp_path / "base" / "eval" / "base-hf" / "medqa.jsonl", base)
     _write(tmp_path / "sft-seed" / "eval" / "merged" / "medqa.jsonl", tuned)
     _write(tmp_path / "sft-seed" / "eval" / "loglik" / "merged" / "medqa.jsonl", tuned)
     result = study.report({"base": "medtune eval configs/study/base.yaml"}, "test")
@@ -97,4 +97,4 @@ def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monk
     assert seed["vs_previous"]["variant"] == "base"
     assert seed["ci_low"] < 0.5 < seed["ci_high"]
     assert ("sft-seed", "loglik") in rows and rows[("sft-seed", "loglik")]["mcnemar_p_vs_base"] is None  # no base
-    assert "| sft-seed | medqa | generate | 40 | 50.0" in study.markdown(result)
+    assert "| sft-seed | medqa | generate | 40 | 50.0 (35.2–64.8) | 50.0% | 100.0 |" in study.markdown(result)

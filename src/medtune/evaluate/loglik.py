@@ -64,7 +64,7 @@ class _Row:
 
 
 class LoglikScorer:
-    """Scores items' options with an HF causal LM; forward passes are batched (right padding) `batch_size` rows."""
+    """Scores items' options with an HF causal LM; forward passes are batched (left padding) `batch_size` rows."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
@@ -98,23 +98,29 @@ class LoglikScorer:
         return [{letter: s[letter] for letter in request.continuations} for s, request in zip(scores, requests)]
 
     def _forward(self, rows: list[_Row]) -> list[dict[str, float]]:
+        """Rows are left-padded (positions counted from each row's first token), so every row's continuation ends
+        at the last position: only the logits of the last positions are formed, not of every row's whole width."""
         import torch
 
         width = max(len(row.tokens) for row in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row.tokens)] = torch.tensor(row.tokens)
-            mask[i, :len(row.tokens)] = 1
-        first_read = min(pos for row in rows for reads in row.reads.values() for pos, _ in reads)
+        shifts = [width - len(row.tokens) for row in rows]
+        for i, (row, shift) in enumerate(zip(rows, shifts)):
+            ids[i, shift:] = torch.tensor(row.tokens)
+            mask[i, shift:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        first_read = min(pos + shift for row, shift in zip(rows, shifts) for reads in row.reads.values()
+                         for pos, _ in reads)
         kwargs: dict[str, Any] = {"logits_to_keep": width - first_read} if self.keeps_logits else {}
         offset = first_read if self.keeps_logits else 0
+        device = self.model.device
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                **kwargs).logits
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), **kwargs).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return [{letter: sum(logprobs[i, pos - offset, token].item() for pos, token in reads)
-                 for letter, reads in row.reads.items()} for i, row in enumerate(rows)]
+        return [{letter: sum(logprobs[i, pos + shift - offset, token].item() for pos, token in reads)
+                 for letter, reads in row.reads.items()} for i, (row, shift) in enumerate(zip(rows, shifts))]
 
 
 def choose(scores: dict[str, float]) -> str:

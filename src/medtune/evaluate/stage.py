@@ -25,7 +25,8 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
     """`Q4_K_M` (a GGUF of this run), `merged`, `base`, or a path.
 
     `base` is the base as given (its GGUF file if it is one), or with `hf` its transformers form (a GGUF base is
-    dequantized into a cached HF directory; a hub id stays a hub id).
+    dequantized into a cached HF directory; a hub id stays a hub id); `base-hf` is always that transformers form
+    (the base on the same engine as `merged`).
     """
     if ref in NAMES:
         if ref not in cfg.export.types:
@@ -33,9 +34,9 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
         return run_dir.require("gguf", "medtune export CONFIG") / file_name(cfg.export.name, ref)
     if ref == "merged":
         return run_dir.require("merged", "medtune merge CONFIG")
-    if ref == "base":
+    if ref in ("base", "base-hf"):
         spec = cfg.base.model
-        if hf:
+        if hf or ref == "base-hf":
             return Path(resolve_base(spec, cfg.base.revision))
         if spec.startswith("pkg:"):
             return package_file(spec)
