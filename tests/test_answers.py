@@ -71,7 +71,7 @@ def test_data_report_counts_every_answer_form_that_truncation_cuts(tiny_config, 
     for i, ending in [(1, "\\boxed{B}"), (2, "C"), (3, "The answer is D.")]:
         records[i]["output"] = f"{steps}\n{ending}"
     write_jsonl(tmp_path / "train.jsonl", records)
-    cfg = load_config(tiny_config)
+    cfg = load_config(tiny_config, ["data.length_policy=truncate"])
     run = RunDir(cfg.run_dir)
     run_stage(BY_NAME["data"], cfg, run, UI())
     report = json.loads((run / "prepared" / "report.json").read_text())

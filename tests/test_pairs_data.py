@@ -230,7 +230,7 @@ def test_length_policies_apply_to_both_replies(make_run, smollm2_tokenizer):
 def test_replies_identical_inside_max_len_are_rejected(make_run):
     shared = long_reply("C", 40)  # its first 128 tokens are the same in both replies
     records = [{"prompt": QUESTION, "chosen": shared + " Yes.", "rejected": shared + " No."}, pair(1)]
-    out, report = make_run(records, max_len=128)
+    out, report = make_run(records, max_len=128, length_policy="truncate")
     assert report["used"] == 1
     assert rejections(out)["pairs.jsonl:1"] == ("chosen and rejected are identical inside data.max_len", "128 tokens")
 
