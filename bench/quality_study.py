@@ -322,7 +322,7 @@ def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
                 if records:
                     found[(variant, name, mode)] = records
             q4_dir = run / "eval-q4" / name
-            files = sorted(q4_dir.glob("*/*.jsonl")) if q4_dir.is_dir() else []
+            files = [f for f in sorted(q4_dir.glob("*/*.jsonl")) if f.parent.name != "cache"] if q4_dir.is_dir() else []
             if files:
                 found[(f"{variant}-Q4_K_M", name, "generate")] = item_results(files[0])
     return found
@@ -401,7 +401,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     benches = list(BENCHMARKS)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for ax, mode in zip(axes, ("generate", "loglik")):
-        variants = [v for v in VARIANTS if any(r["variant"] == v and r["mode"] == mode for r in result["results"])]
+        present = dict.fromkeys(r["variant"] for r in result["results"] if r["mode"] == mode)
+        variants = [v for v in VARIANTS if v in present] + [v for v in present if v not in VARIANTS]
         width = 0.8 / max(1, len(variants))
         for k, variant in enumerate(variants):
             xs, ys, lo, hi = [], [], [], []
