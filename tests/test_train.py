@@ -232,6 +232,49 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_match_one_process_at_the_same_global_batch(tiny_config, tmp_path):
+    """Two launchers, as on two hosts (--nnodes 2, one process each, torchrun's static rendezvous over
+    127.0.0.1, gloo): the losses of one process with twice the accumulation."""
+    curves = {}
+    for name, accum in (("one", 2), ("two", 1)):
+        cfg = configure(tiny_config, tmp_path / name, max_steps=4, grad_accum=accum, lora={"dropout": 0.0},
+                        eval_steps=None)
+        assert medtune("data", str(cfg)).wait() == 0
+        if name == "one":
+            procs = [medtune("train", str(cfg))]
+        else:
+            port = str(free_port())
+            procs = [medtune("train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
+                             "127.0.0.1", "--master-port", port) for rank in (0, 1)]
+        outputs = [proc.communicate(timeout=600) for proc in procs]
+        for proc, (_, err) in zip(procs, outputs):
+            assert proc.returncode == 0, err[-2000:]
+        curves[name] = [loss for _, loss in losses(tmp_path / name)]
+        report = json.loads((tmp_path / name / "adapter" / "train_report.json").read_text())
+        assert report["world_size"] == (2 if name == "two" else 1)
+    assert sum(out.count("train: running") for out, _ in outputs) == 1  # the first process talks
+    assert len(curves["one"]) == 4
+    assert curves["two"] == pytest.approx(curves["one"], rel=1e-5)
+
+
+def test_node_options_are_checked_before_anything_starts(tiny_config, tmp_path):
+    cfg = configure(tiny_config, tmp_path / "run")
+    proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1")
+    _, err = proc.communicate()
+    assert proc.returncode == 2 and "--node-rank 2 must be below --nnodes 2" in err, err
+    proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "1")
+    _, err = proc.communicate()
+    assert proc.returncode == 2 and "--nnodes above 1 needs --master-addr HOST" in err, err
+
+
 def test_a_failing_process_of_a_multi_process_run_is_one_clear_error(tiny_config, tmp_path):
     """Both processes stop on a config this machine can't run; the launcher adds one line, no traceback."""
     cfg = configure(tiny_config, tmp_path / "run", max_steps=2, attention="flex_attention")

@@ -54,6 +54,14 @@ class Distributed:
         torch.distributed.gather_object(obj, out, dst=0)
         return out
 
+    def everyone(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def broadcast_(self, params: list[torch.nn.Parameter]) -> None:
         """Rank 0's values of the trainable tensors on every process."""
         if self.world == 1:
