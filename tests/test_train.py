@@ -232,6 +232,33 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)
 
 
+def test_sharded_and_compiled_matches_one_plain_process(tiny_config, tmp_path):
+    """train.strategy fsdp with train.compile (each decoder layer compiled, FSDP's gathers between them): the
+    losses of one uncompiled process at the same global batch, within compiled-code rounding."""
+    curves = {}
+    for procs, accum, compiled in ((1, 2, False), (2, 1, True)):
+        cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=3, grad_accum=accum, lora={"dropout": 0.0},
+                        eval_steps=None, strategy="fsdp", compile=compiled)
+        assert medtune("data", str(cfg)).wait() == 0
+        proc = medtune("train", str(cfg), "--gpus", str(procs))
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+        curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
+    assert len(curves[1]) == 3
+    assert curves[2] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tiny_config, tmp_path):
+    """QLoRA needs a GPU, DoRA whole weights: each is one line before anything is read."""
+    for train, message in (({"qlora": True}, "train.qlora needs a CUDA GPU"),
+                           ({"lora": {"dora": True}}, "train.lora.dora does not combine with train.strategy fsdp")):
+        cfg = configure(tiny_config, tmp_path / f"run{len(message)}", max_steps=2, strategy="fsdp", **train)
+        assert medtune("data", str(cfg)).wait() == 0
+        proc = medtune("train", str(cfg), "--gpus", "2")
+        _, err = proc.communicate()
+        assert proc.returncode == 2 and message in err and "Traceback" not in err, err[-2000:]
+
+
 def free_port() -> int:
     import socket
 

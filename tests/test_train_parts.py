@@ -115,3 +115,38 @@ def test_adafactor_matches_transformers():
     assert moved.state[ours[0]]["step"] == 12
     torch.testing.assert_close(moved.state[ours[0]]["exp_avg_sq_row"], ref.state[theirs[0]]["exp_avg_sq_row"])
     Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False).load_state_dict(opt.state_dict())
+
+
+def test_a_base_made_empty_and_filled_from_its_files_equals_the_loaded_one(tiny_base):
+    """The FSDP build path without the processes: meta model, LoRA, memory, weights read row by row from the
+    safetensors files (tied head and rotary buffers included) give the model from_pretrained loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from medtune.train.sharded import SafetensorsSource, empty_model, fill_
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    made = empty_model(AutoConfig.from_pretrained(tiny_base), torch.float32, "auto", qlora=False)
+    assert all(p.is_meta for p in made.parameters())
+    made.to_empty(device="cpu")
+    made.model.rotary_emb.inv_freq.copy_(loaded.model.rotary_emb.inv_freq)  # materialise_ keeps buffers so
+    made.tie_weights()
+    made.requires_grad_(False)  # the base is frozen (LoRA's tensors, the trainable ones, are not read)
+    fill_(made, SafetensorsSource(tiny_base))
+    theirs = loaded.state_dict()
+    mine = made.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    assert made.lm_head.weight is made.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    assert torch.equal(made(ids).logits, loaded(ids).logits)
+
+
+def test_rows_of_a_shard_follow_fsdp_chunks():
+    from medtune.train.sharded import _row_range, packed_rows
+
+    assert [_row_range(10, n, r, 3) for r, n in enumerate((4, 4, 2))] == [(0, 4), (4, 8), (8, 10)]
+    assert _row_range(10, 10, 0, 1) == (0, 10)
+    with pytest.raises(RuntimeError):
+        _row_range(10, 3, 0, 3)
+    assert packed_rows(8192, 28672, torch.bfloat16) == 8192 * 28672 // 4  # two 4-bit values a byte, 2 bytes a row
