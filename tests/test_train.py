@@ -207,6 +207,53 @@ def test_dry_run_plans_without_training(tiny_config, tmp_path, processes):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_dry_run_says_whether_it_fits_before_loading(tiny_config, tmp_path):
+    """The memory estimate per process (weights, LoRA + optimizer, activations, head) against the device's memory
+    comes first; a run far too large for it is answered without loading the base or timing a step."""
+    cfg = configure(tiny_config, tmp_path / "run", strategy="fsdp")
+    proc = medtune("train", str(cfg), "--dry-run", "--gpus", "2")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.count("train: estimated peak") == 1, out
+    assert re.search(r"fits +│ True", out) and "fsdp_gathered_layers" in out, out
+    assert out.index("train: estimated peak") < out.index("measured_tokens_per_s")
+    huge = configure(tiny_config, tmp_path / "huge", batch_size=10**6)
+    proc = medtune("train", str(huge), "--dry-run")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "it does not fit" in out and re.search(r"fits +│ False", out), out
+    assert re.search(r"measured_tokens_per_s +│ None", out), out
+
+
+def test_memory_estimate_of_the_large_shapes():
+    """Weights per GPU as the shape's size says: Llama-3.1-70B in bf16 is 131 GiB (too much for one 140 GiB
+    card with anything else), about a quarter of that in NF4, half of it per GPU over two."""
+    import unittest.mock
+
+    import torch
+    from transformers import LlamaConfig
+
+    from medtune.config import Config
+    from medtune.train.memory import estimate
+
+    shape = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = Config.model_validate({"name": "x", "run_dir": "r", "base": {"model": "x/y"},
+                                 "data": {"path": "d.jsonl", "max_len": 512},
+                                 "train": {"batch_size": 1, "strategy": "fsdp", "qlora": True,
+                                           "gradient_checkpointing": True},
+                                 "export": {"name": "x"}})
+    cuda = torch.device("cuda", 0)
+    with unittest.mock.patch("medtune.train.memory.device_memory_gib", return_value=139.8):
+        plan = estimate(cfg, shape, "bf16", 2, cuda)
+        whole = estimate(cfg.model_copy(update={"train": cfg.train.model_copy(update={"qlora": False})}), shape,
+                         "bf16", 1, cuda)
+    assert plan["base_params"] == pytest.approx(70.55e9, rel=1e-3)
+    assert whole["per_process_gib"]["weights"] == pytest.approx(70.55e9 * 2 / 2**30, rel=1e-2)
+    assert 14 < plan["per_process_gib"]["weights"] < 22 and plan["fits"]
+    assert not whole["fits"]
+
+
 @pytest.mark.parametrize("strategy,objective", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "dpo")])
 def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path, strategy, objective):
     """torchrun (gloo on CPU), replicated or sharded base: the same micro-batches per step give the same losses."""

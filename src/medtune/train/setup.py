@@ -146,17 +146,23 @@ class Setup:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def build(cfg: Config, n_items: int, ui: UI) -> Setup:
-    """Device, model, LoRA, compilation, sharding, optimizer and the linear schedule over `n_items` items a epoch."""
-    from transformers import get_linear_schedule_with_warmup
-
+def placement(cfg: Config) -> tuple[Distributed, torch.device, str]:
+    """This process's place in the launch, its device and the precision it trains in."""
     tc = cfg.train
     dist = Distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
-    precision = pick_precision(tc.precision, device)
+    return dist, device, pick_precision(tc.precision, device)
+
+
+def build(cfg: Config, n_items: int, ui: UI) -> Setup:
+    """Device, model, LoRA, compilation, sharding, optimizer and the linear schedule over `n_items` items a epoch."""
+    from transformers import get_linear_schedule_with_warmup
+
+    tc = cfg.train
+    dist, device, precision = placement(cfg)
     if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
         raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
                            "for it); use train.attention=auto on this machine")
