@@ -183,16 +183,22 @@ def fill_(model: Any, source: WeightSource, rank: int = 0, world: int = 1) -> No
         local.copy_(rows.to(local.dtype))
 
 
+def to_empty_keeping_buffers(module: Any, device: torch.device) -> None:
+    """`module.to_empty(device)`, the buffers (made real at construction: rotary tables) keeping their values."""
+    buffers = {name: buffer.detach().to(device, copy=True) for name, buffer in module.named_buffers()
+               if not buffer.is_meta}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            module.get_buffer(name).copy_(value)
+
+
 def materialise_(loss_model: Any, model: Any, source: WeightSource, device: torch.device, rank: int,
                  world: int) -> None:
     """Memory for each process's shard (`to_empty`, through FSDP2's own handling of sharded parameters), then its
     weights from `source`; buffers (computed at construction, such as rotary tables) keep their values. LoRA's
     tensors come out empty: the caller initialises them."""
-    buffers = {name: buffer.detach().to(device, copy=True) for name, buffer in loss_model.named_buffers()
-               if not buffer.is_meta}
-    loss_model.to_empty(device=device)
-    for name, value in buffers.items():
-        loss_model.get_buffer(name).copy_(value)
+    to_empty_keeping_buffers(loss_model, device)
     causal = model.get_base_model()
     if getattr(causal.config, "tie_word_embeddings", False) and world == 1:
         causal.tie_weights()  # to_empty on unsharded tensors makes new parameters; FSDP's swaps keep them one
