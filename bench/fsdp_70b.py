@@ -9,11 +9,12 @@ bf16, packed 2048-token rows of bench/train_throughput.py's workload, gradient c
 
 Checks, in order:
 1. before anything large: the same base truncated to --check-layers layers, sharded, gives the loss (and LoRA
-   gradient norm) of the unsharded 4-bit model built from the same weights on one process;
+   gradient norm) of the unsharded 4-bit model built from the same weights on one process, and the first layer's
+   weights as FSDP gathers them are bit for bit the weights (the 4-bit data) they were made from;
 2. STEPS steps, a checkpoint at --ckpt-at (medtune's checkpoint files: adapter, optimizer, schedule, RNG);
 3. resume: LoRA, optimizer and schedule re-initialised, the checkpoint loaded, the steps after it run again: the
-   first resumed step's loss must equal the uninterrupted run's (relative 1e-6; the rest within 1e-3), where the
-   re-initialised state's loss (the control) differs from it.
+   LoRA's tensors must come back bit for bit, and the first resumed step's loss equal the uninterrupted run's
+   (relative 1e-6; the rest within 1e-3). The re-initialised state's loss at that step is recorded as a control.
 Writes JSON with `gpus`, `tokens_per_s` (all GPUs, steps after the first), `peak_mem_gib_per_gpu`, `resumed`.
 
     python bench/fsdp_70b.py --gpus 2 --out bench/results/fsdp_70b.json                # 2 H200s, ~5 min
@@ -107,14 +108,43 @@ def loss_and_grad_norm(loss_model, objective, micro, device, precision: str) -> 
     return float(loss.detach()) / n, norm
 
 
+def gathered_mismatches(model, source: RandomWeights) -> dict[str, int]:
+    """First decoder layer, gathered by FSDP (`unshard`): elements of each weight whose bits differ from the weight
+    it was made from (a 4-bit weight: from quantizing that weight here). Any change of the packed 4-bit data on its
+    way through FSDP's gathers (it is stored as bf16 but is not bf16 numbers) shows here, where a loss would not."""
+    from medtune.train.sharded import NF4, checkpoint_name
+
+    layer = model.get_base_model().model.layers[0]
+    layer.unshard()
+    out = {}
+    with torch.no_grad():
+        for module_name, module in layer.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    continue
+                key = checkpoint_name(f"model.layers.0.{module_name}" if module_name else "model.layers.0",
+                                      param_name)
+                expected = source.whole(key).to(param.device, param.dtype)
+                if hasattr(module, "quant_state") and param_name == "weight":
+                    import bitsandbytes as bnb
+
+                    expected, _ = bnb.functional.quantize_4bit(source.whole(key), quant_storage=param.dtype, **NF4)
+                bits = {2: torch.int16, 4: torch.int32}[param.element_size()]
+                out[key] = int((param.detach().view(bits) != expected.reshape(param.shape).view(bits)).sum())
+    layer.reshard()
+    return out
+
+
 def check_sharding(args, dist, device, batches) -> dict:
     """Check 1: a truncated base, sharded vs whole, same weights and batch: same loss and LoRA gradient norm."""
     config = llama_config(args.shape, args.attn, layers=args.check_layers)
     precision = "bf16" if device.type == "cuda" else "fp32"
     objective = SFT(PAD, MAX_LEN)
     micro = batches[0]
-    model, loss_model = sharded_model(config, RandomWeights(device), dist, device, args.qlora, checkpointing=False)
+    source = RandomWeights(device)
+    model, loss_model = sharded_model(config, source, dist, device, args.qlora, checkpointing=False)
     sharded = loss_and_grad_norm(loss_model, objective, micro, device, precision)
+    mismatches = gathered_mismatches(model, source)
     del model, loss_model
     model, loss_model = whole_model(config, RandomWeights(device), device, args.qlora)
     whole = loss_and_grad_norm(loss_model, objective, micro, device, precision)
@@ -125,8 +155,8 @@ def check_sharding(args, dist, device, batches) -> dict:
     norm_rel = abs(sharded[1] - whole[1]) / max(whole[1], 1e-12)
     tol = 2e-3 if device.type == "cuda" else 1e-5
     return {"layers": args.check_layers, "loss_sharded": sharded[0], "loss_whole": whole[0],
-            "loss_rel_diff": loss_rel, "grad_norm_rel_diff": norm_rel,
-            "passed": loss_rel < tol and norm_rel < 10 * tol}
+            "loss_rel_diff": loss_rel, "grad_norm_rel_diff": norm_rel, "gathered_bits_differing": mismatches,
+            "passed": loss_rel < tol and norm_rel < 10 * tol and not any(mismatches.values())}
 
 
 def step_batches(batches, step: int, world: int) -> list:
@@ -135,8 +165,10 @@ def step_batches(batches, step: int, world: int) -> list:
 
 
 def train_steps(setup, objective, batches, first: int, last: int, world: int, rank: int,
-                save_at: int | None = None, root: Path | None = None) -> tuple[list[float], list[float], list[int]]:
-    """Steps first+1..last; returns losses, each step's wall time and tokens (all processes)."""
+                save_at: int | None = None, root: Path | None = None, saved: list | None = None
+                ) -> tuple[list[float], list[float], list[int]]:
+    """Steps first+1..last; returns losses, each step's wall time and tokens (all processes). At `save_at` a
+    checkpoint is written under `root` and LoRA's values are copied into `saved`."""
     losses, times, tokens = [], [], []
     sync = torch.cuda.synchronize if setup.device.type == "cuda" else (lambda: None)
     for step in range(first, last):
@@ -156,6 +188,8 @@ def train_steps(setup, objective, batches, first: int, last: int, world: int, ra
                 checkpoint.save(root, step + 1, setup.model, setup.optimizer, setup.scheduler, setup.scaler, 1, rng)
             if setup.dist.world > 1:
                 torch.distributed.barrier()
+            if saved is not None:
+                saved.extend(p.detach().clone() for p in setup.params)
     return losses, times, tokens
 
 
@@ -200,6 +234,7 @@ def worker(args) -> None:
     setup = bench_setup(model, loss_model, Adafactor(params, lr=LR), args.steps, precision, device)
     setup.dist = dist
     setup.scheduler = torch.optim.lr_scheduler.LambdaLR(setup.optimizer, lambda s: 1.0 - s / (2 * args.steps))
+    saved: list[torch.Tensor] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if dist.world > 1:  # rank 0's folder for every process (one machine)
@@ -207,7 +242,7 @@ def worker(args) -> None:
             torch.distributed.broadcast_object_list(shared, src=0)
             root = Path(shared[0])
         losses, times, tokens = train_steps(setup, objective, batches, 0, args.steps, dist.world, dist.rank,
-                                            save_at=args.ckpt_at, root=root)
+                                            save_at=args.ckpt_at, root=root, saved=saved)
         result |= {"losses": [round(x, 5) for x in losses], "step_s": [round(t, 3) for t in times],
                    "tokens_per_s": round(sum(tokens[1:]) / sum(times[1:]), 1) if len(times) > 1 else None,
                    "checkpoint_step": args.ckpt_at}
@@ -224,6 +259,7 @@ def worker(args) -> None:
         setup.optimizer.zero_grad(set_to_none=True)
         found = checkpoint.latest(root)
         start = checkpoint.load(found, model, setup.optimizer, setup.scheduler, setup.scaler, dist.rank)
+        restored = all(torch.equal(a, b) for a, b in zip(params, saved, strict=True))
         resumed, _, _ = train_steps(setup, objective, batches, start, args.steps, dist.world, dist.rank)
     straight = losses[start:]
     first_rel = abs(resumed[0] - straight[0]) / abs(straight[0]) if resumed else math.inf
@@ -231,8 +267,8 @@ def worker(args) -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     peaks = dist.everyone(round(peak, 2))
     control_rel = abs(control - straight[0]) / abs(straight[0])
-    result |= {"resumed": first_rel <= 1e-6 < control_rel and worst < 1e-3, "resumed_from_step": start,
-               "control_rel_diff": control_rel,
+    result |= {"resumed": restored and first_rel <= 1e-6 and worst < 1e-3, "resumed_from_step": start,
+               "lora_restored_bitwise": restored, "control_rel_diff": control_rel,
                "resumed_losses": [round(x, 5) for x in resumed], "resume_first_step_rel_diff": first_rel,
                "resume_max_rel_diff": worst, "peak_mem_gib_per_gpu": max(peaks) if device.type == "cuda" else None,
                "peak_mem_gib_by_gpu": peaks if device.type == "cuda" else None,
