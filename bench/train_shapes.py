@@ -10,8 +10,9 @@ the way `train.strategy fsdp` + `train.qlora` builds a base (train/sharded.py: m
 quantized one weight at a time on the GPU) and needs bitsandbytes; without it the shape is recorded as skipped.
 
 Checks before any timing: packed rows give each example its loss alone (flex, 1B shape); per shape, the first
-step's loss is within 3% of ln(vocab) (random weights) and every loss is finite; the 4-bit weights dequantize to
-the weights they came from (relative error < 0.15) and a 4-bit layer computes x @ dequantized.T.
+step's loss is within 5% of ln(vocab) + 0.02^2 x hidden / 2 (a random head's logits) and every loss is finite;
+the 4-bit weights dequantize to the weights they came from (relative error < 0.15) and a 4-bit layer computes
+x @ dequantized.T. A shape whose compiled run fails is run again uncompiled (the failure is recorded).
 
     python bench/train_shapes.py --out bench/results/train_throughput_shapes.json            # on an H200, ~5 min
     python bench/train_shapes.py --shapes tiny --device cpu --out /tmp/shapes.json            # smoke run on a CPU
@@ -181,14 +182,14 @@ def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode
     return model, CausalLMLoss(model), params, check
 
 
-def run_shape(shape: str, examples, args, device: torch.device, flops: float | None) -> dict:
+def run_shape(shape: str, examples, args, device: torch.device, flops: float | None, compile_mode: str) -> dict:
     qlora = shape.endswith("-qlora")
     name = shape.removesuffix("-qlora")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model, loss_model, params, check = build(name, args.attn, device, qlora, args.compile, layers=args.layers)
+    model, loss_model, params, check = build(name, args.attn, device, qlora, compile_mode, layers=args.layers)
     built_s = time.perf_counter() - start
     if check is not None and not check["passed"]:
         return {"error": "4-bit check failed", "qlora_check": check}
@@ -215,9 +216,10 @@ def run_shape(shape: str, examples, args, device: torch.device, flops: float | N
     sync()
     warmup_s = time.perf_counter() - warm_start
     first = float(losses[0])
-    expected = math.log(model.config.vocab_size)
-    if not abs(first - expected) / expected < 0.03:
-        return {"error": f"first loss {first:.3f} is not near ln(vocab) {expected:.3f}"}
+    # random N(0, 0.02) head over a unit-RMS final hidden state: logits of variance 0.02^2 x hidden around 0
+    expected = math.log(model.config.vocab_size) + 0.5 * 0.02**2 * model.config.hidden_size
+    if not abs(first - expected) / expected < 0.05:
+        return {"error": f"first loss {first:.3f} is not near ln(vocab) + var/2 = {expected:.3f}"}
     begin = time.perf_counter()
     tokens = sum(one_step(step) for step in range(args.warmup, args.warmup + args.steps))
     sync()
@@ -230,7 +232,7 @@ def run_shape(shape: str, examples, args, device: torch.device, flops: float | N
               if flops else None,
               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
               "params": params, "rows_per_batch": rows, "row_tokens": MAX_LEN, "packing_efficiency": round(eff, 4),
-              "qlora": qlora, "steps_timed": args.steps, "warmup_steps": args.warmup,
+              "qlora": qlora, "compile": compile_mode, "steps_timed": args.steps, "warmup_steps": args.warmup,
               "build_s": round(built_s, 1), "warmup_s": round(warmup_s, 1),
               "first_losses": [round(x, 4) for x in values[:3]], "last_loss": round(values[-1], 4)}
     if check is not None:
@@ -294,9 +296,19 @@ def main() -> None:
                 continue
         started = time.perf_counter()
         try:
-            r = run_shape(shape, examples, args, device, flops)
+            r = run_shape(shape, examples, args, device, flops, args.compile)
         except Exception as exc:  # recorded; the other shapes still run
             r = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if "error" in r and args.compile != "none":  # the shape uncompiled, with why compiling failed
+            print(f"{shape}: compiled run failed ({r['error'][:200]}); again without compile", flush=True)
+            gc.collect()
+            torch._dynamo.reset()
+            if gpu:
+                torch.cuda.empty_cache()
+            try:
+                r = run_shape(shape, examples, args, device, flops, "none") | {"compiled_run_error": r["error"]}
+            except Exception as exc:
+                r = {"error": f"{type(exc).__name__}: {exc}"[:500], "compiled_run_error": r["error"]}
         r["wall_s"] = round(time.perf_counter() - started, 1)
         failed |= "error" in r
         results["shapes"][shape] = r
