@@ -131,14 +131,14 @@ def four_bit_check(model, source: RandomWeights) -> dict:
             round(out_rel, 5), "passed": rel < 0.15 and out_rel < 2e-2}
 
 
-def four_bit_model(config, device: torch.device, source: RandomWeights):
-    """train/sharded.py's QLoRA base on one process: meta model, NF4 stored as bf16, filled weight by weight."""
+def four_bit_model(config, device: torch.device, source: RandomWeights, dtype: torch.dtype = torch.bfloat16):
+    """train/sharded.py's QLoRA base on one process: meta model, NF4 stored as `dtype`, filled weight by weight."""
     import bitsandbytes as bnb
 
     from medtune.train.sharded import empty_model, fill_, to_empty_keeping_buffers
 
     source.shapes = base_shapes(config)
-    model = empty_model(config, torch.bfloat16, config._attn_implementation, qlora=True)
+    model = empty_model(config, dtype, config._attn_implementation, qlora=True)
     to_empty_keeping_buffers(model, device)
     model.tie_weights()
     model.requires_grad_(False)
