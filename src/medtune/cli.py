@@ -152,6 +152,9 @@ def _end_with_launcher() -> None:
         raise typer.Exit(1)
 
 
+RENDEZVOUS_TIMEOUT_S = 900  # how long the first machine waits for the others to start
+
+
 class Nodes:
     """Where this machine stands in a launch over several machines: torchrun's static rendezvous (`--nnodes`,
     `--node-rank`, `--master-addr`, `--master-port`); one machine is torchrun's `--standalone`."""
@@ -178,9 +181,6 @@ class Nodes:
                             run_id="medtune", rdzv_backend="static",
                             rdzv_endpoint=f"{self.master_addr}:{self.master_port}",
                             rdzv_configs={"rank": self.rank, "timeout": RENDEZVOUS_TIMEOUT_S}, max_restarts=0)
-
-
-RENDEZVOUS_TIMEOUT_S = 900  # how long the first machine waits for the others to start
 
 
 def _launch(processes: int, args: list[str], nodes: Nodes) -> None:
