@@ -220,8 +220,9 @@ def _launch(processes: int, args: list[str], nodes: Nodes) -> None:
 def train_command(
     config: ConfigArg,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Time a few steps; print tokens, steps, memory and "
-                                          "the expected time; train nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate the memory per process against the "
+                                          "device's, then time a few steps; print tokens, steps, memory and the "
+                                          "expected time; train nothing")] = False,
     gpus: Annotated[int, typer.Option(min=1, help="Train on N GPUs of this machine (torchrun; train.strategy "
                                       "ddp or fsdp)")] = 1,
     nnodes: Annotated[int, typer.Option(min=1, help="Machines taking part (run the same command on each, with its "
