@@ -164,7 +164,7 @@ def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode
     torch.manual_seed(0)
     if qlora:
         source = RandomWeights(device)
-        model = four_bit_model(config, device, source)
+        model = four_bit_model(config, device, source, dtype)
         check = four_bit_check(model, source)
     else:
         with device:  # random init on the GPU itself
