@@ -131,9 +131,10 @@ def parse_variant(name: str) -> dict:
             "optimizer": "hf" if "hfopt" in parts else "batched", "sync_each_step": "sync" in parts}
 
 
-def bench_setup(model, loss_model, optimizer, steps: int, precision: str = "bf16") -> Setup:
+def bench_setup(model, loss_model, optimizer, steps: int, precision: str = "bf16",
+                device: torch.device | None = None) -> Setup:
     """The engine's view of a model built here: one process, bf16 autocast (or fp32), a constant learning rate."""
-    return Setup(cfg=None, dist=Distributed(), device=torch.device("cuda"), precision=precision,
+    return Setup(cfg=None, dist=Distributed(), device=device or torch.device("cuda"), precision=precision,
                  model=model, loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad],
                  weights_gib=0.0,
                  optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),

@@ -207,6 +207,53 @@ def test_dry_run_plans_without_training(tiny_config, tmp_path, processes):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_dry_run_says_whether_it_fits_before_loading(tiny_config, tmp_path):
+    """The memory estimate per process (weights, LoRA + optimizer, activations, head) against the device's memory
+    comes first; a run far too large for it is answered without loading the base or timing a step."""
+    cfg = configure(tiny_config, tmp_path / "run", strategy="fsdp")
+    proc = medtune("train", str(cfg), "--dry-run", "--gpus", "2")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.count("train: estimated peak") == 1, out
+    assert re.search(r"fits +│ True", out) and "fsdp_gathered_layers" in out, out
+    assert out.index("train: estimated peak") < out.index("measured_tokens_per_s")
+    huge = configure(tiny_config, tmp_path / "huge", batch_size=10**6)
+    proc = medtune("train", str(huge), "--dry-run")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "it does not fit" in out and re.search(r"fits +│ False", out), out
+    assert re.search(r"measured_tokens_per_s +│ None", out), out
+
+
+def test_memory_estimate_of_the_large_shapes():
+    """Weights per GPU as the shape's size says: Llama-3.1-70B in bf16 is 131 GiB (too much for one 140 GiB
+    card with anything else), about a quarter of that in NF4, half of it per GPU over two."""
+    import unittest.mock
+
+    import torch
+    from transformers import LlamaConfig
+
+    from medtune.config import Config
+    from medtune.train.memory import estimate
+
+    shape = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = Config.model_validate({"name": "x", "run_dir": "r", "base": {"model": "x/y"},
+                                 "data": {"path": "d.jsonl", "max_len": 512},
+                                 "train": {"batch_size": 1, "strategy": "fsdp", "qlora": True,
+                                           "gradient_checkpointing": True},
+                                 "export": {"name": "x"}})
+    cuda = torch.device("cuda", 0)
+    with unittest.mock.patch("medtune.train.memory.device_memory_gib", return_value=139.8):
+        plan = estimate(cfg, shape, "bf16", 2, cuda)
+        whole = estimate(cfg.model_copy(update={"train": cfg.train.model_copy(update={"qlora": False})}), shape,
+                         "bf16", 1, cuda)
+    assert plan["base_params"] == pytest.approx(70.55e9, rel=1e-3)
+    assert whole["per_process_gib"]["weights"] == pytest.approx(70.55e9 * 2 / 2**30, rel=1e-2)
+    assert 14 < plan["per_process_gib"]["weights"] < 22 and plan["fits"]
+    assert not whole["fits"]
+
+
 @pytest.mark.parametrize("strategy,objective", [("ddp", "sft"), ("fsdp", "sft"), ("ddp", "dpo")])
 def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path, strategy, objective):
     """torchrun (gloo on CPU), replicated or sharded base: the same micro-batches per step give the same losses."""
@@ -230,6 +277,76 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
         assert weights[2] == weights[1]
     assert len(curves[1]) == 4
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_sharded_and_compiled_matches_one_plain_process(tiny_config, tmp_path):
+    """train.strategy fsdp with train.compile (each decoder layer compiled, FSDP's gathers between them): the
+    losses of one uncompiled process at the same global batch, within compiled-code rounding."""
+    curves = {}
+    for procs, accum, compiled in ((1, 2, False), (2, 1, True)):
+        cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=3, grad_accum=accum, lora={"dropout": 0.0},
+                        eval_steps=None, strategy="fsdp", compile=compiled)
+        assert medtune("data", str(cfg)).wait() == 0
+        proc = medtune("train", str(cfg), "--gpus", str(procs))
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+        curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
+    assert len(curves[1]) == 3
+    assert curves[2] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tiny_config, tmp_path):
+    """QLoRA needs a GPU, DoRA whole weights: each is one line before anything is read."""
+    for train, message in (({"qlora": True}, "train.qlora needs a CUDA GPU"),
+                           ({"lora": {"dora": True}}, "train.lora.dora does not combine with train.strategy fsdp")):
+        cfg = configure(tiny_config, tmp_path / f"run{len(message)}", max_steps=2, strategy="fsdp", **train)
+        assert medtune("data", str(cfg)).wait() == 0
+        proc = medtune("train", str(cfg), "--gpus", "2")
+        _, err = proc.communicate()
+        assert proc.returncode == 2 and message in err and "Traceback" not in err, err[-2000:]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_match_one_process_at_the_same_global_batch(tiny_config, tmp_path):
+    """Two launchers, as on two hosts (--nnodes 2, one process each, torchrun's static rendezvous over
+    127.0.0.1, gloo): the losses of one process with twice the accumulation."""
+    curves = {}
+    for name, accum in (("one", 2), ("two", 1)):
+        cfg = configure(tiny_config, tmp_path / name, max_steps=4, grad_accum=accum, lora={"dropout": 0.0},
+                        eval_steps=None)
+        assert medtune("data", str(cfg)).wait() == 0
+        if name == "one":
+            procs = [medtune("train", str(cfg))]
+        else:
+            port = str(free_port())
+            procs = [medtune("train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
+                             "127.0.0.1", "--master-port", port) for rank in (0, 1)]
+        outputs = [proc.communicate(timeout=600) for proc in procs]
+        for proc, (_, err) in zip(procs, outputs):
+            assert proc.returncode == 0, err[-2000:]
+        curves[name] = [loss for _, loss in losses(tmp_path / name)]
+        report = json.loads((tmp_path / name / "adapter" / "train_report.json").read_text())
+        assert report["world_size"] == (2 if name == "two" else 1)
+    assert sum(out.count("train: running") for out, _ in outputs) == 1  # the first process talks
+    assert len(curves["one"]) == 4
+    assert curves["two"] == pytest.approx(curves["one"], rel=1e-5)
+
+
+def test_node_options_are_checked_before_anything_starts(tiny_config, tmp_path):
+    cfg = configure(tiny_config, tmp_path / "run")
+    proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1")
+    _, err = proc.communicate()
+    assert proc.returncode == 2 and "--node-rank 2 must be below --nnodes 2" in err, err
+    proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "1")
+    _, err = proc.communicate()
+    assert proc.returncode == 2 and "--nnodes above 1 needs --master-addr HOST" in err, err
 
 
 def test_a_failing_process_of_a_multi_process_run_is_one_clear_error(tiny_config, tmp_path):

@@ -115,3 +115,68 @@ def test_adafactor_matches_transformers():
     assert moved.state[ours[0]]["step"] == 12
     torch.testing.assert_close(moved.state[ours[0]]["exp_avg_sq_row"], ref.state[theirs[0]]["exp_avg_sq_row"])
     Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False).load_state_dict(opt.state_dict())
+
+
+def test_a_base_made_empty_and_filled_from_its_files_equals_the_loaded_one(tiny_base):
+    """The FSDP build path without the processes: meta model, LoRA, memory, weights read row by row from the
+    safetensors files (tied head and rotary buffers included) give the model from_pretrained loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from medtune.train.sharded import SafetensorsSource, empty_model, fill_
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    made = empty_model(AutoConfig.from_pretrained(tiny_base), torch.float32, "auto", qlora=False)
+    assert all(p.is_meta for p in made.parameters())
+    made.to_empty(device="cpu")
+    made.model.rotary_emb.inv_freq.copy_(loaded.model.rotary_emb.inv_freq)  # materialise_ keeps buffers so
+    made.tie_weights()
+    made.requires_grad_(False)  # the base is frozen (LoRA's tensors, the trainable ones, are not read)
+    fill_(made, SafetensorsSource(tiny_base))
+    theirs = loaded.state_dict()
+    mine = made.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    assert made.lm_head.weight is made.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    assert torch.equal(made(ids).logits, loaded(ids).logits)
+
+
+def test_rows_of_a_shard_follow_fsdp_chunks():
+    from medtune.train.sharded import _row_range, packed_rows
+
+    assert [_row_range(10, n, r, 3) for r, n in enumerate((4, 4, 2))] == [(0, 4), (4, 8), (8, 10)]
+    assert _row_range(10, 10, 0, 1) == (0, 10)
+    with pytest.raises(RuntimeError):
+        _row_range(10, 3, 0, 3)
+    assert packed_rows(8192, 28672, torch.bfloat16) == 8192 * 28672 // 4  # two 4-bit values a byte, 2 bytes a row
+
+
+def test_four_bit_base_filled_per_weight_matches_transformers_qlora_loader(tiny_base):
+    """train/sharded.py's QLoRA layout (NF4, double quantization, stored as bf16) is bit for bit what transformers'
+    BitsAndBytesConfig(bnb_4bit_quant_storage=bf16) loads, and computes the same logits (bitsandbytes' CPU kernels)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from medtune.train.sharded import SafetensorsSource, empty_model, fill_, to_empty_keeping_buffers
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(tiny_base, quantization_config=quant, dtype=torch.bfloat16,
+                                                      device_map={"": "cpu"})
+    except Exception as exc:  # a bitsandbytes build without CPU 4-bit support
+        pytest.skip(f"transformers cannot load 4-bit on this CPU: {exc}")
+    mine = empty_model(AutoConfig.from_pretrained(tiny_base), torch.bfloat16, "auto", qlora=True)
+    to_empty_keeping_buffers(mine, torch.device("cpu"))
+    mine.tie_weights()
+    mine.requires_grad_(False)
+    fill_(mine, SafetensorsSource(tiny_base))
+    four = [(n, m) for n, m in mine.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four) == 2 * 7
+    for name, module in four:
+        other = theirs.get_submodule(name)
+        assert torch.equal(module.weight.data.view(torch.int16), other.weight.data.view(torch.int16)), name
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    with torch.no_grad():
+        assert torch.allclose(mine(ids).logits.float(), theirs(ids).logits.float(), atol=1e-2)

@@ -113,6 +113,11 @@ def fit(setup: Setup, objective: Objective, train_items: list[Any], val_items: l
     total_steps, params = setup.total_steps, setup.params
     start_step = 0
     found = checkpoint.latest(ckpt_root)
+    seen = dist.everyone(found.name if found else None)
+    if len(set(seen)) > 1:  # several machines whose run directories are not one shared folder
+        raise MedtuneError(f"train: the processes see different checkpoints under {ckpt_root} "
+                           f"({sorted(set(map(str, seen)))}); over several machines the run directory must be on "
+                           "storage they all share")
     if found is not None:
         start_step = checkpoint.load(found, setup.model, setup.optimizer, setup.scheduler, setup.scaler, dist.rank)
         ui.log(f"train: resuming from {found} (step {start_step} of {total_steps})")

@@ -8,7 +8,8 @@ are then the same code as on one process.
 
 `fsdp` additionally shards the frozen base over the processes with FSDP2 (`fully_shard` per decoder layer and on
 the loss module as root, the LoRA tensors left out through `ignored_params`): each process holds 1/N of the
-base's weights and gathers one layer at a time, for bases too large for one card.
+base's weights and gathers one layer at a time, for bases too large for one card. The base is then made on the meta
+device and each process reads only its shard (train/sharded.py), so no machine ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class Distributed:
         torch.distributed.gather_object(obj, out, dst=0)
         return out
 
+    def everyone(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def broadcast_(self, params: list[torch.nn.Parameter]) -> None:
         """Rank 0's values of the trainable tensors on every process."""
         if self.world == 1:
@@ -88,8 +97,9 @@ def shard(loss_model: Any, trainable: list[torch.nn.Parameter], device: torch.de
     layers = getattr(getattr(loss_model.model.get_base_model(), "model", None), "layers", None)
     if layers is None:
         raise MedtuneError("train.strategy fsdp needs a decoder with `model.layers` (Llama, Qwen, Mistral, Gemma…)")
-    for p in trainable:  # left out of sharding: moved here, kept whole on every process
-        p.data = p.data.to(device)
+    for p in trainable:  # left out of sharding: moved here, kept whole on every process (meta: given memory later)
+        if not p.is_meta:
+            p.data = p.data.to(device)
     for module in loss_model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)

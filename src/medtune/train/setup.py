@@ -57,6 +57,24 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
     return get_peft_model(model, config)
 
 
+def init_lora(model: Any, seed: int) -> None:
+    """LoRA's starting values from the seed alone, by PEFT's own initialiser: the same whether the base was loaded
+    whole or made empty and sharded (where LoRA's tensors start as empty memory)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    module.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
+
+
+def training_dtype(precision: str) -> torch.dtype:
+    """The frozen base's dtype: bf16 under bf16, fp32 master weights otherwise (fp16 trains under autocast)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
     frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
@@ -65,8 +83,7 @@ def load_base_for_training(base: str, precision: str, device: torch.device, qlor
 
         register()
     if not qlora:
-        return load_model(base, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=str(device),
-                          attention=attention)
+        return load_model(base, dtype=training_dtype(precision), device=str(device), attention=attention)
     if device.type != "cuda":
         raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
     try:
@@ -83,6 +100,29 @@ def load_base_for_training(base: str, precision: str, device: torch.device, qlor
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device.index or 0},
                                                  **extra)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def empty_base_for_sharding(cfg: Config, base: str, precision: str, device: torch.device) -> Any:
+    """The base on the meta device, for FSDP to shard before any weight is read (see train/sharded.py)."""
+    from transformers import AutoConfig
+
+    from medtune.train.sharded import empty_model, model_folder
+
+    tc = cfg.train
+    if tc.qlora and device.type != "cuda":
+        raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
+    if tc.qlora and precision != "bf16":
+        raise MedtuneError("train.qlora with train.strategy fsdp needs train.precision bf16 (the 4-bit weights are "
+                           "stored as bf16 so that FSDP can shard them)")
+    if tc.lora.dora:
+        raise MedtuneError("train.lora.dora does not combine with train.strategy fsdp (DoRA's magnitudes need each "
+                           "whole weight); use strategy ddp")
+    if tc.attention == "varlen":
+        from medtune.train.attention import register
+
+        register()
+    config = AutoConfig.from_pretrained(model_folder(base, cfg.base.revision))
+    return empty_model(config, training_dtype(precision), tc.attention, tc.qlora)
 
 
 @dataclass
@@ -106,41 +146,54 @@ class Setup:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def build(cfg: Config, n_items: int, ui: UI) -> Setup:
-    """Device, model, LoRA, compilation, sharding, optimizer and the linear schedule over `n_items` items a epoch."""
-    from transformers import get_linear_schedule_with_warmup
-
+def placement(cfg: Config) -> tuple[Distributed, torch.device, str]:
+    """This process's place in the launch, its device and the precision it trains in."""
     tc = cfg.train
     dist = Distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
-    precision = pick_precision(tc.precision, device)
+    return dist, device, pick_precision(tc.precision, device)
+
+
+def build(cfg: Config, n_items: int, ui: UI) -> Setup:
+    """Device, model, LoRA, compilation, sharding, optimizer and the linear schedule over `n_items` items a epoch."""
+    from transformers import get_linear_schedule_with_warmup
+
+    tc = cfg.train
+    dist, device, precision = placement(cfg)
     if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
         raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
                            "for it); use train.attention=auto on this machine")
-    if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
-        raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
-                           "to false, or use strategy ddp")
     base = resolve_base(cfg.base.model, cfg.base.revision)
-    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
+    torch.manual_seed(cfg.seed)
     sharded = tc.strategy == "fsdp" and dist.world > 1
-    model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
-                                              tc.attention), cfg, ui)
+    if sharded:  # made on the meta device; each process fills only its shard below
+        model = apply_lora(empty_base_for_sharding(cfg, base, precision, device), cfg, ui)
+    else:
+        model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui)
     if tc.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under torch.compile
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if tc.compile:
-        # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
-        # of labelled positions has a data-dependent shape and stays outside the compiled graph.
-        model.get_base_model().model.compile()
-        ui.log("train: the decoder is compiled on its first batches (one to several minutes before the first step)")
     model.config.use_cache = False
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     loss_model = CausalLMLoss(model)
     if sharded:
-        shard(loss_model, params, device, dist.world)
+        from medtune.train.sharded import SafetensorsSource, materialise_, model_folder
+
+        shard(loss_model, [p for p in model.parameters() if p.requires_grad], device, dist.world)
+        source = SafetensorsSource(model_folder(base, cfg.base.revision))
+        materialise_(loss_model, model, source, device, dist.rank, dist.world)
+    init_lora(model, cfg.seed)  # the same on every process
+    if tc.compile:
+        # In place (Module.compile), so parameter names and the saved adapter stay as they are. The loss's gather
+        # of labelled positions has a data-dependent shape and stays outside the compiled graph. Sharded, each
+        # decoder layer is compiled on its own and FSDP's gathers run between them (as torchtitan does).
+        decoder = model.get_base_model().model
+        for part in (decoder.layers if sharded else [decoder]):
+            part.compile()
+        ui.log("train: the decoder is compiled on its first batches (one to several minutes before the first step)")
+    params = [p for p in model.parameters() if p.requires_grad]
     # what this process holds (a sharded parameter's local part)
     weights_gib = round(sum(getattr(p, "_local_tensor", p).nbytes for p in model.parameters()) / 2**30, 4)
     torch.manual_seed(cfg.seed + dist.rank)  # LoRA dropout draws differ between processes

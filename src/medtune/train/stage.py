@@ -25,7 +25,7 @@ from medtune.artifacts import RunDir, atomic_write_json, fingerprint
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.models import load_tokenizer, resolve_base
-from medtune.train import engine, objectives
+from medtune.train import engine, memory, objectives
 from medtune.train import setup as setups
 from medtune.train.objectives.preference import reference_logps
 from medtune.train.observe import plot, read_metrics
@@ -84,6 +84,24 @@ def attach_reference(cfg: Config, run_dir: RunDir, s: setups.Setup, objective: A
     return out
 
 
+def memory_plan(cfg: Config, ui: UI) -> dict[str, Any]:
+    """The memory estimate per process against the device's memory (train/memory.py), logged at once."""
+    from transformers import AutoConfig
+
+    dist, device, precision = setups.placement(cfg)
+    estimate = memory.estimate(cfg, AutoConfig.from_pretrained(resolve_base(cfg.base.model, cfg.base.revision)),
+                               precision, dist.world, device)
+    parts = ", ".join(f"{name} {value}" for name, value in estimate["per_process_gib"].items())
+    if dist.main:
+        ui.log(f"train: estimated peak {estimate['estimated_peak_gib']} GiB per process ({parts}) of "
+               f"{estimate['device_memory_gib']} GiB on {device}" + ("" if estimate["fits"] else
+               "; it does not fit: lower train.batch_size or data.max_len, or set train.gradient_checkpointing, "
+               "train.qlora or train.strategy fsdp over more GPUs (nothing was loaded)"))
+    return {"estimated_peak_gib": estimate["estimated_peak_gib"], "device_memory_gib": estimate["device_memory_gib"],
+            "fits": estimate["fits"], "estimate_gib": estimate["per_process_gib"],
+            "base_params": estimate["base_params"]}
+
+
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) -> dict[str, Any]:
     """Train a LoRA adapter on the prepared data; write it and its metrics to `out`.
 
@@ -104,11 +122,15 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     items = {split: objective.load(prepared, split) for split in ("train", "val")}
     if not items["train"]:
         raise MedtuneError(f"{prepared}: no training {kind}; check the data report (medtune data CONFIG)")
+    if dry_run:  # does it fit, from the config alone, before the base is loaded
+        fit = memory_plan(cfg, ui)
+        if not fit["fits"]:
+            return {"dry_run": True, **fit, "measured_tokens_per_s": None, "expected_hours": None}
     s = setups.build(cfg, len(items["train"]), ui)
     if getattr(objective, "needs_reference", False) and not dry_run:  # the timing does not need it
         items = attach_reference(cfg, run_dir, s, objective, items, ui)
     if dry_run:
-        return engine.time_steps(s, objective, items["train"])
+        return engine.time_steps(s, objective, items["train"]) | fit
 
     ckpt_root = run_dir / "checkpoints" / resume_key(cfg, run_dir)
     result = engine.fit(s, objective, items["train"], items["val"], ckpt_root, ui)
