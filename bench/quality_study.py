@@ -78,8 +78,9 @@ GUARD_ONLY = {"medqa-5": "medreason_eval/medqa_test.jsonl", "medbullets-5": "med
 SEEDS = (1, 2, 3)
 VARIANTS = ("base", "sft-seed", *(f"sft-fast-s{s}" for s in SEEDS), "rpo")
 CHAIN = ("base", "sft-seed", "sft-fast-s1", "rpo")
-FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged", "eval": "eval"}
-QUANT_LIMIT = {"pubmedqa": None, "medqa": 300}  # the Q4_K_M file on a CPU: all of PubMedQA, 300 MedQA items
+FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged", "export": "gguf",
+           "eval": "eval"}
+QUANT_LIMIT = {"medqa": 300, "pubmedqa": None}  # the Q4_K_M file on a CPU: all of PubMedQA, 300 MedQA items
 
 
 def sha256(path: Path) -> str:
@@ -288,9 +289,10 @@ def run_quant(variant: str) -> None:
     if variant == "rpo":  # its base is sft-fast-s1's merged model: rebuild it here from that run's adapter
         medtune("merge", str(CONFIGS / "sft-fast.yaml"), "--set", "seed=1", "--set",
                 "run_dir=../../runs/study/sft-fast-s1", log=log)
-    for stage in ("merge", "export"):
-        medtune(stage, str(CONFIGS / config), *sets, log=log)
     run_dir = STUDY / variant
+    for stage in ("merge", "export"):
+        if not (run_dir / FOLDERS[stage] / "manifest.json").is_file():
+            medtune(stage, str(CONFIGS / config), *sets, log=log)
     gguf = next((run_dir / "gguf").glob("*Q4_K_M.gguf"))
     for name, limit in QUANT_LIMIT.items():
         kind, file = BENCHMARKS[name]
@@ -322,9 +324,10 @@ def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
                 if records:
                     found[(variant, name, mode)] = records
             q4_dir = run / "eval-q4" / name
-            files = [f for f in sorted(q4_dir.glob("*/*.jsonl")) if f.parent.name != "cache"] if q4_dir.is_dir() else []
-            if files:
-                found[(f"{variant}-Q4_K_M", name, "generate")] = item_results(files[0])
+            files = sorted(q4_dir.glob("*/*.jsonl")) if q4_dir.is_dir() else []
+            done = [f for f in files if f.parent.name != "cache"]
+            if done or files:  # an evaluation still running has only its cache: its items so far
+                found[(f"{variant}-Q4_K_M", name, "generate")] = item_results((done or files)[0])
     return found
 
 
