@@ -11,7 +11,7 @@ import torch
 
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, resolve_base
+from medtune.models import load_model, overflows_in_fp16, resolve_base
 from medtune.train.loss import CausalLMLoss
 from medtune.train.optim import Adafactor
 from medtune.train.parallel import Distributed, shard
@@ -26,14 +26,27 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def pick_precision(choice: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
+def pick_precision(choice: str, device: torch.device, fp16_overflow: str | None = None, ui: UI | None = None) -> str:
+    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU.
+
+    `fp16_overflow` names the model type of a base whose activations overflow float16 (Gemma): fp16 is refused when
+    asked for, and auto falls back to fp32 (with a notice) where bf16 is missing.
+    """
+    if choice == "fp16" and fp16_overflow:
+        raise MedtuneError(f"train.precision fp16: {fp16_overflow} models overflow in float16; use precision bf16 "
+                           "(or auto) on a GPU, fp32 on a CPU")
     if device.type == "cpu":
         if choice in ("fp16",):
             raise MedtuneError("train.precision fp16 needs a GPU; use precision auto or fp32 on CPU")
         return "fp32" if choice == "auto" else choice
     if choice == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if fp16_overflow:
+            if ui is not None:
+                ui.log(f"train: this GPU has no bf16 and {fp16_overflow} overflows in fp16: training in fp32")
+            return "fp32"
+        return "fp16"
     return choice
 
 
@@ -116,14 +129,14 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
-    precision = pick_precision(tc.precision, device)
+    base = resolve_base(cfg.base.model, cfg.base.revision)
+    precision = pick_precision(tc.precision, device, overflows_in_fp16(base), ui)
     if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
         raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
                            "for it); use train.attention=auto on this machine")
     if tc.strategy == "fsdp" and (tc.qlora or tc.compile):
         raise MedtuneError("train.strategy fsdp does not combine with train.qlora or train.compile yet; set those "
                            "to false, or use strategy ddp")
-    base = resolve_base(cfg.base.model, cfg.base.revision)
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     sharded = tc.strategy == "fsdp" and dist.world > 1
     model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
