@@ -4,11 +4,11 @@ Ollama does not run the HF (jinja) chat template; it needs a Go text/template ov
 turn formats, ChatML (`<|im_start|>role ... <|im_end|>`, SmolLM2, Qwen), Llama 3 (`<|start_header_id|>role
 <|end_header_id|> ... <|eot_id|>`) and Gemma (`<start_of_turn>user ... <end_of_turn>`, the reply's role called
 `model`, no system role: a system text is folded into the first user turn). What the HF template adds around the
-turns (a default system prompt, Llama 3.2's "Cutting Knowledge Date / Today Date" lines) is read off its own rendering of probe conversations, and the Go
-template built from it must render every probe conversation exactly as the HF template does, or no Modelfile is
-written. Limits that Go templates impose, stated in the file: a date the HF template computes on the day (Llama
-3.2's "Today Date") is fixed at the export date; a template that trims message text (Llama 3) is matched for text
-without leading or trailing whitespace.
+turns (a default system prompt, Llama 3.2's "Cutting Knowledge Date / Today Date" lines) is read off its own
+rendering of probe conversations, and the Go template built from it must render every probe conversation exactly
+as the HF template does, or no Modelfile is written. Limits that Go templates impose, stated in the file: a date the
+HF template computes on the day (Llama 3.2's "Today Date") is fixed at the export date; a template that trims
+message text (Llama 3, Gemma) is matched for text without leading or trailing whitespace.
 """
 
 from __future__ import annotations
