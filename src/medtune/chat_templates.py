@@ -69,12 +69,17 @@ NAMED: dict[str, NamedTemplate] = {
 }
 
 
+def is_file_spec(spec: str) -> bool:
+    """A path to a Jinja file rather than a template name."""
+    return spec not in NAMED and ("/" in spec or Path(spec).suffix in (".jinja", ".j2", ".txt"))
+
+
 def resolve(spec: str) -> tuple[str, tuple[str, ...]]:
     """`gemma` / `chatml` / `llama3`, or a path to a Jinja file -> (template text, special tokens it needs)."""
     if spec in NAMED:
         return NAMED[spec].jinja, NAMED[spec].tokens
     path = Path(spec)
-    if path.suffix in (".jinja", ".j2", ".txt") or "/" in spec:
+    if is_file_spec(spec):
         if not path.is_file():
             raise MedtuneError(f"base.chat_template: Jinja file not found: {path}")
         text = path.read_text(encoding="utf-8")

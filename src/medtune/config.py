@@ -243,7 +243,7 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     if base.startswith((".", "/")) and not base.startswith("pkg:"):
         cfg.base.model = str(resolve(Path(base)))
     template = cfg.base.chat_template
-    if template is not None and template not in chat_templates.NAMED:
+    if template is not None and chat_templates.is_file_spec(template):
         cfg.base.chat_template = str(resolve(Path(template)))
     if cfg.pairs is not None:
         cfg.pairs.questions = resolve(cfg.pairs.questions)

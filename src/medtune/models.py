@@ -69,6 +69,7 @@ def _assembled(spec: str, package: str) -> Path:
     target = cache_dir() / "packages" / package / name
     if target.is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
