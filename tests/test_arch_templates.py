@@ -87,7 +87,8 @@ def test_a_package_that_ships_parts_is_assembled_once_into_the_cache(tmp_path, m
     (package / "__init__.py").write_text(
         "from pathlib import Path\nMODEL_NAME = 'demo.gguf'\nCALLS = []\n"
         "def assemble(output_path=None, overwrite=False):\n"
-        "    CALLS.append(output_path)\n    Path(output_path).write_bytes(b'GGUF-joined')\n    return Path(output_path)\n")
+        "    CALLS.append(output_path)\n    Path(output_path).write_bytes(b'GGUF-joined')\n"
+        "    return Path(output_path)\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     path = package_file("pkg:parts_demo_pkg")
