@@ -6,7 +6,8 @@ llama runs configs/demo.yaml (SmolLM2-135M-Instruct), gemma3 configs/gemma3-270m
 base model given Gemma's chat template by config), qwen3 a random-weight Qwen3 (q_norm / k_norm; 2 layers) with
 Qwen's real tokenizer and the ChatML template (tests/qwen_shape.py). Each stage runs in this process through the
 pipeline's own runner; a stage that raises is recorded as failed with its message and the later stages are skipped.
-A random-weight model cannot pass the checks only a trained model meets (F16 top-1 >= 99% against itself, an answer
+A stage whose folder in --work is current for the same config is not run again: its manifest's results are read
+("reused": true). A random-weight model cannot pass the checks only a trained model meets (F16 top-1 >= 99% against itself, an answer
 that stops): its export runs with those relaxed, its chat and eval record numbers, not an answer's quality.
 Writes {"<arch>": {"<stage>": {"passed": bool, "seconds": float, ...its check numbers}}}.
 """
@@ -103,7 +104,7 @@ def run_arch(arch: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     from medtune.config import load_config
     from medtune.export import stage as export_stage
     from medtune.export import verify
-    from medtune.pipeline import BY_NAME, run_stage
+    from medtune.pipeline import BY_NAME, run_stage, stage_fingerprint
     from medtune.ui import UI
 
     trained = arch != "qwen3"
@@ -121,6 +122,9 @@ def run_arch(arch: str, work: Path, overrides: list[str]) -> dict[str, Any]:
                 with run.atomic("gguf") as out:
                     numbers = _numbers(stage, export_stage.run(cfg, run, out, ui, limits=limits))
                 numbers["limits"] = "random weights: top-1 and answer checks relaxed"
+            elif run.is_current(BY_NAME[stage].folder, stage_fingerprint(BY_NAME[stage], cfg, run)):
+                # an earlier run of this very config (same fingerprint) in --work: its recorded results
+                numbers = {**_numbers(stage, run.manifest(BY_NAME[stage].folder)["results"]), "reused": True}
             else:
                 numbers = _numbers(stage, run_stage(BY_NAME[stage], cfg, run, ui))
         except Exception as exc:  # noqa: BLE001 - recorded, and the chain stops here
