@@ -7,8 +7,9 @@ base model given Gemma's chat template by config), qwen3 a random-weight Qwen3 (
 Qwen's real tokenizer and the ChatML template (tests/qwen_shape.py). Each stage runs in this process through the
 pipeline's own runner; a stage that raises is recorded as failed with its message and the later stages are skipped.
 A stage whose folder in --work is current for the same config is not run again: its manifest's results are read
-("reused": true). A random-weight model cannot pass the checks only a trained model meets (F16 top-1 >= 99% against itself, an answer
-that stops): its export runs with those relaxed, its chat and eval record numbers, not an answer's quality.
+("reused": true). A random-weight model cannot pass the checks only a trained model meets (F16 top-1 >= 99% against
+itself, an answer that stops): its export runs with those relaxed, its chat and eval record numbers, not an answer's
+quality.
 Writes {"<arch>": {"<stage>": {"passed": bool, "seconds": float, ...its check numbers}}}.
 """
 
