@@ -100,7 +100,10 @@ def _chat(gguf_dir: Path, trained: bool) -> dict[str, Any]:
             "completion_tokens": out["usage"]["completion_tokens"], "answer_tail": text.strip()[-80:]}
 
 
-def run_arch(arch: str, work: Path, overrides: list[str]) -> dict[str, Any]:
+STAGES = ("data", "train", "merge", "export", "chat", "eval")
+
+
+def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     from medtune.artifacts import RunDir
     from medtune.config import load_config
     from medtune.export import stage as export_stage
@@ -113,7 +116,7 @@ def run_arch(arch: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     cfg = load_config(path, [f"run_dir={work / arch}", *overrides])
     run, ui = RunDir(cfg.run_dir), UI()
     row: dict[str, Any] = {}
-    for stage in ("data", "train", "merge", "export", "chat", "eval"):
+    for stage in stages:
         start = time.perf_counter()
         try:
             if stage == "chat":
@@ -142,13 +145,14 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["llama", "gemma3", "qwen3"], choices=["llama", "gemma3", "qwen3"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arch_matrix.json")
     parser.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary folder)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="the first N stages")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every arch")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="arch-matrix-"))
     matrix = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for arch in args.arch:
         start = time.perf_counter()
-        matrix[arch] = run_arch(arch, work, args.overrides)
+        matrix[arch] = run_arch(arch, work, args.overrides, tuple(args.stages))
         matrix[arch]["_run"] = {"seconds": round(time.perf_counter() - start, 1), "date": time.strftime("%Y-%m-%d"),
                                 "machine": f"{platform.machine()} {platform.processor() or ''} "
                                            f"{__import__('os').cpu_count()} cpus".strip(),
