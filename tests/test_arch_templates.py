@@ -118,3 +118,27 @@ def test_fp16_is_refused_for_a_model_that_overflows_in_it(tmp_path):
         merge_dtype(Config.model_validate({**raw, "merge": {"dtype": "float16"}}), str(tmp_path))
     assert merge_dtype(Config.model_validate(raw), str(tmp_path)) == torch.bfloat16  # a float16 checkpoint
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3_text"
+
+
+def test_trainable_tokens_train_and_merge_the_marker_rows(tiny_config):
+    """train.lora.trainable_tokens: the rows of those tokens in the (tied) embedding train and merge; others stay."""
+    from safetensors.torch import load_file
+
+    from medtune.artifacts import RunDir
+    from medtune.pipeline import BY_NAME, run_stage
+    from medtune.ui import UI
+
+    cfg = load_config(tiny_config, ["train.lora.trainable_tokens=[<|im_end|>]", "train.lr=5e-2"])
+    run = RunDir(cfg.run_dir)
+    for name in ("data", "train", "merge"):
+        run_stage(BY_NAME[name], cfg, run, UI())
+    base = load_file(next(__import__("pathlib").Path(cfg.base.model).glob("*.safetensors")))
+    merged = load_file(next((run / "merged").glob("*.safetensors")))
+    key = next(k for k in merged if k.endswith("embed_tokens.weight"))
+    eot = 2  # <|im_end|> in SmolLM2's vocabulary
+    changed = (merged[key] - base[key]).abs().amax(dim=1)
+    assert changed[eot] > 0 and changed.count_nonzero() == 1
+    with pytest.raises(MedtuneError, match="not a token"):
+        from medtune.train.setup import apply_lora
+
+        apply_lora(None, load_config(tiny_config, ["train.lora.trainable_tokens=[<nope>]"]), UI(), cfg.base.model)

@@ -68,6 +68,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     dora: bool = False  # weight-decomposed LoRA (PEFT use_dora)
+    # tokens whose embedding rows are trained too (PEFT trainable_token_indices): a base model's chat markers, which
+    # it never saw in pre-training (base Gemma gives <end_of_turn> a probability near 1e-14: it could never stop)
+    trainable_tokens: list[str] = []
 
 
 class PreferenceConfig(Section):

@@ -11,7 +11,7 @@ import torch
 
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, overflows_in_fp16, resolve_base
+from medtune.models import load_model, load_tokenizer, overflows_in_fp16, resolve_base
 from medtune.train.loss import CausalLMLoss
 from medtune.train.optim import Adafactor
 from medtune.train.parallel import Distributed, shard
@@ -57,7 +57,7 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
+def apply_lora(model: Any, cfg: Config, ui: UI, base: str) -> Any:
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.train.lora
@@ -65,8 +65,16 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
     if tied and getattr(model.config, "tie_word_embeddings", False):
         ui.log(f"[yellow]warning: LoRA on {sorted(tied)}, which are tied in this model: the adapter changes both the "
                "input embeddings and the output head[/]")
+    extra = {}
+    if lora.trainable_tokens:
+        tokenizer = load_tokenizer(base, cfg.base.chat_template)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in lora.trainable_tokens if t not in vocab]
+        if missing:
+            raise MedtuneError(f"train.lora.trainable_tokens: {missing[0]!r} is not a token of this tokenizer")
+        extra["trainable_token_indices"] = [vocab[t] for t in lora.trainable_tokens]
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                        use_dora=lora.dora, task_type="CAUSAL_LM")
+                        use_dora=lora.dora, task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)
 
 
@@ -140,7 +148,7 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     sharded = tc.strategy == "fsdp" and dist.world > 1
     model = apply_lora(load_base_for_training(base, precision, torch.device("cpu") if sharded else device, tc.qlora,
-                                              tc.attention), cfg, ui)
+                                              tc.attention), cfg, ui, base)
     if tc.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under torch.compile
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.compile:
