@@ -140,16 +140,35 @@ def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...
     return row
 
 
+def _write(out: Path, matrix: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    tmp.write_text(json.dumps(matrix, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["llama", "gemma3", "qwen3"], choices=["llama", "gemma3", "qwen3"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arch_matrix.json")
     parser.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary folder)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="the first N stages")
+    parser.add_argument("--from-run", nargs=2, metavar=("ARCH", "RUN_DIR"), default=None,
+                        help="record ARCH from the manifests an earlier run left in RUN_DIR (its stages are not run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every arch")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="arch-matrix-"))
     matrix = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.from_run:
+        arch, run_dir = args.from_run[0], Path(args.from_run[1])
+        matrix[arch] = {}
+        for stage, folder in (("data", "prepared"), ("train", "adapter"), ("merge", "merged"), ("export", "gguf"),
+                              ("eval", "eval")):
+            manifest = run_dir / folder / "manifest.json"
+            if manifest.is_file():
+                matrix[arch][stage] = {**_numbers(stage, json.loads(manifest.read_text())["results"]),
+                                       "from_run": str(run_dir)}
+        args.arch = []
     for arch in args.arch:
         start = time.perf_counter()
         matrix[arch] = run_arch(arch, work, args.overrides, tuple(args.stages))
@@ -157,10 +176,9 @@ def main() -> None:
                                 "machine": f"{platform.machine()} {platform.processor() or ''} "
                                            f"{__import__('os').cpu_count()} cpus".strip(),
                                 "overrides": args.overrides}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".partial")
-        tmp.write_text(json.dumps(matrix, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(args.out)
+        _write(args.out, matrix)
+    if args.from_run:
+        _write(args.out, matrix)
     print(json.dumps({a: {s: r.get("passed") for s, r in row.items() if s != "_run"} for a, row in matrix.items()}))
 
 
