@@ -104,7 +104,7 @@ STAGES = ("data", "train", "merge", "export", "chat", "eval")
 
 
 def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    from medtune.artifacts import RunDir
+    from medtune.artifacts import RunDir, write_manifest
     from medtune.config import load_config
     from medtune.export import stage as export_stage
     from medtune.export import verify
@@ -123,8 +123,10 @@ def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...
                 numbers = _chat(run / "gguf", trained)
             elif stage == "export" and not trained:
                 limits = verify.Limits(min_top1_agreement=0.0, smoke_max_tokens=16, require_answer=False)
-                with run.atomic("gguf") as out:
-                    numbers = _numbers(stage, export_stage.run(cfg, run, out, ui, limits=limits))
+                with run.atomic("gguf") as out:  # as the pipeline's runner does, manifest included
+                    results = export_stage.run(cfg, run, out, ui, limits=limits)
+                    write_manifest(out, stage, stage_fingerprint(BY_NAME[stage], cfg, run), {}, results)
+                numbers = _numbers(stage, results)
                 numbers["limits"] = "random weights: top-1 and answer checks relaxed"
             elif run.is_current(BY_NAME[stage].folder, stage_fingerprint(BY_NAME[stage], cfg, run)):
                 # an earlier run of this very config (same fingerprint) in --work: its recorded results
