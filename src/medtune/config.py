@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medtune import gguf_types, sampling
+from medtune import chat_templates, gguf_types, sampling
 from medtune.errors import MedtuneError
 
 
@@ -25,6 +25,8 @@ class BaseModelConfig(Section):
 
     model: str
     revision: str | None = None
+    # a base without a chat template (or another one wanted): `gemma`, `chatml`, `llama3` or a Jinja file
+    chat_template: str | None = None
 
 
 class DataConfig(Section):
@@ -68,6 +70,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     dora: bool = False  # weight-decomposed LoRA (PEFT use_dora)
+    # tokens whose embedding rows are trained too (PEFT trainable_token_indices): a base model's chat markers, which
+    # it never saw in pre-training (base Gemma gives <end_of_turn> a probability near 1e-14: it could never stop)
+    trainable_tokens: list[str] = []
 
 
 class PreferenceConfig(Section):
@@ -242,6 +247,9 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     base = cfg.base.model
     if base.startswith((".", "/")) and not base.startswith("pkg:"):
         cfg.base.model = str(resolve(Path(base)))
+    template = cfg.base.chat_template
+    if template is not None and chat_templates.is_file_spec(template):
+        cfg.base.chat_template = str(resolve(Path(template)))
     if cfg.pairs is not None:
         cfg.pairs.questions = resolve(cfg.pairs.questions)
         if cfg.pairs.model is not None and cfg.pairs.model.startswith((".", "/")):
@@ -257,6 +265,11 @@ def _check_files(cfg: Config, source: str) -> None:
     base = cfg.base.model
     if base.startswith("/") and not Path(base).exists():
         raise MedtuneError(f"{source}: base.model: path not found: {base}")
+    if cfg.base.chat_template is not None:
+        try:
+            chat_templates.resolve(cfg.base.chat_template)
+        except MedtuneError as exc:
+            raise MedtuneError(f"{source}: {exc}") from None
     if cfg.pairs is not None and not cfg.pairs.questions.exists():
         raise MedtuneError(f"{source}: pairs.questions: file not found: {cfg.pairs.questions}")
 

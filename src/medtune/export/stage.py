@@ -77,7 +77,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
         if tok["mismatches"] > tok["fatal_mismatches"]:
             rare = [e["text"] for e in tok["examples"] if not e["fatal"]]
             warnings.append(f"{path.name}: llama.cpp splits {tok['mismatches'] - tok['fatal_mismatches']} text(s) "
-                            f"with rare unicode differently from HF, e.g. {rare[0]!r}")
+                            "with rare unicode (or another family's marker, read as a control token) differently "
+                            f"from HF, e.g. {rare[0]!r}")
         ui.log(f"verify: {path.name}: {_summary(results['files'][gguf_type])}")
     results["problems"], results["warnings"] = problems, warnings
     for warning in dict.fromkeys(w.split(": ", 1)[1] for w in warnings):

@@ -11,7 +11,7 @@ import torch
 
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, resolve_base
+from medtune.models import load_model, load_tokenizer, overflows_in_fp16, resolve_base
 from medtune.train.loss import CausalLMLoss
 from medtune.train.optim import Adafactor
 from medtune.train.parallel import Distributed, shard
@@ -26,14 +26,27 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def pick_precision(choice: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
+def pick_precision(choice: str, device: torch.device, fp16_overflow: str | None = None, ui: UI | None = None) -> str:
+    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU.
+
+    `fp16_overflow` names the model type of a base whose activations overflow float16 (Gemma): fp16 is refused when
+    asked for, and auto falls back to fp32 (with a notice) where bf16 is missing.
+    """
+    if choice == "fp16" and fp16_overflow:
+        raise MedtuneError(f"train.precision fp16: {fp16_overflow} models overflow in float16; use precision bf16 "
+                           "(or auto) on a GPU, fp32 on a CPU")
     if device.type == "cpu":
         if choice in ("fp16",):
             raise MedtuneError("train.precision fp16 needs a GPU; use precision auto or fp32 on CPU")
         return "fp32" if choice == "auto" else choice
     if choice == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        if fp16_overflow:
+            if ui is not None:
+                ui.log(f"train: this GPU has no bf16 and {fp16_overflow} overflows in fp16: training in fp32")
+            return "fp32"
+        return "fp16"
     return choice
 
 
@@ -44,7 +57,7 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
+def apply_lora(model: Any, cfg: Config, ui: UI, base: str) -> Any:
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.train.lora
@@ -52,8 +65,16 @@ def apply_lora(model: Any, cfg: Config, ui: UI) -> Any:
     if tied and getattr(model.config, "tie_word_embeddings", False):
         ui.log(f"[yellow]warning: LoRA on {sorted(tied)}, which are tied in this model: the adapter changes both the "
                "input embeddings and the output head[/]")
+    extra = {}
+    if lora.trainable_tokens:
+        tokenizer = load_tokenizer(base, cfg.base.chat_template)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in lora.trainable_tokens if t not in vocab]
+        if missing:
+            raise MedtuneError(f"train.lora.trainable_tokens: {missing[0]!r} is not a token of this tokenizer")
+        extra["trainable_token_indices"] = [vocab[t] for t in lora.trainable_tokens]
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                        use_dora=lora.dora, task_type="CAUSAL_LM")
+                        use_dora=lora.dora, task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)
 
 
@@ -146,15 +167,17 @@ class Setup:
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def placement(cfg: Config) -> tuple[Distributed, torch.device, str]:
-    """This process's place in the launch, its device and the precision it trains in."""
+def placement(cfg: Config, ui: UI | None = None) -> tuple[Distributed, torch.device, str]:
+    """This process's place in the launch, its device and the precision it trains in (bf16 or fp32 where the base
+    overflows in fp16)."""
     tc = cfg.train
     dist = Distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
-    return dist, device, pick_precision(tc.precision, device)
+    base = resolve_base(cfg.base.model, cfg.base.revision)
+    return dist, device, pick_precision(tc.precision, device, overflows_in_fp16(base), ui)
 
 
 def build(cfg: Config, n_items: int, ui: UI) -> Setup:
@@ -162,7 +185,7 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
-    dist, device, precision = placement(cfg)
+    dist, device, precision = placement(cfg, ui)
     if tc.attention in ("varlen", "flex_attention") and device.type != "cuda":
         raise MedtuneError(f"train.attention {tc.attention} trains on a CUDA GPU only (PyTorch has no CPU backward "
                            "for it); use train.attention=auto on this machine")
@@ -170,9 +193,9 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     torch.manual_seed(cfg.seed)
     sharded = tc.strategy == "fsdp" and dist.world > 1
     if sharded:  # made on the meta device; each process fills only its shard below
-        model = apply_lora(empty_base_for_sharding(cfg, base, precision, device), cfg, ui)
+        model = apply_lora(empty_base_for_sharding(cfg, base, precision, device), cfg, ui, base)
     else:
-        model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui)
+        model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui, base)
     if tc.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under torch.compile
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -117,7 +117,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
                            f"(medtune data CONFIG) or set train.objective to "
                            f"{'dpo or orpo' if kind == 'pairs' else 'sft'}")
     packed = (prepared / "train.packs.npy").is_file()
-    pad_id = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision)).pad_token_id
+    pad_id = load_tokenizer(resolve_base(cfg.base.model, cfg.base.revision), cfg.base.chat_template).pad_token_id
     objective = objectives.build(tc, pad_id, cfg.data.max_len, packed)
     items = {split: objective.load(prepared, split) for split in ("train", "val")}
     if not items["train"]:
