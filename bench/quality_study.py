@@ -327,7 +327,8 @@ def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
             files = sorted(q4_dir.glob("*/*.jsonl")) if q4_dir.is_dir() else []
             done = [f for f in files if f.parent.name != "cache"]
             if done or files:  # an evaluation still running has only its cache: its items so far
-                found[(f"{variant}-Q4_K_M", name, "generate")] = item_results((done or files)[0])
+                found[(f"{variant}-Q4_K_M", name, "generate")] = item_results(
+                    max(done or files, key=lambda f: f.stat().st_mtime))
     return found
 
 
