@@ -141,7 +141,7 @@ def evaluation_guard(shared: Path) -> tuple[ContaminationGuard, dict[str, set[st
     """The guard over every held-out file (and the other copies of their questions), and their ids."""
     questions: dict[str, list[tuple[str, str]]] = {}
     ids: dict[str, set[str]] = {}
-    for name, (kind, file) in BENCHMARKS.items():
+    for name, (kind, _) in BENCHMARKS.items():
         items = load_benchmark(kind, shared / EVAL_FILES[name][0])
         questions[name] = [(i.id, i.question) for i in items]
         ids[name] = {i.id for i in items}
@@ -433,7 +433,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| variant | benchmark | mode | n | accuracy % (95% CI) | extraction failures | accuracy when extracted "
-             "| vs base: McNemar p (base only / variant only) |", "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
+             "| vs base: McNemar p (base only / variant only) |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for row in sorted(result["results"], key=lambda r: (list(BENCHMARKS).index(r["benchmark"]), r["mode"],
                                                          order.get(r["variant"].removesuffix("-Q4_K_M"), 99))):
@@ -441,7 +442,8 @@ def markdown(result: dict[str, Any]) -> str:
         test = f"{vs['p_value']:.2g} ({vs['only_reference']}/{vs['only_this']})" if vs else "—"
         lines.append(f"| {row['variant']} | {row['benchmark']} | {row['mode']} | {row['n']} | "
                      f"{100 * row['accuracy']:.1f} ({100 * row['ci_low']:.1f}–{100 * row['ci_high']:.1f}) | "
-                     f"{100 * row['extraction_failure_rate']:.1f}% | {100 * row['accuracy_when_extracted']:.1f} | {test} |")
+                     f"{100 * row['extraction_failure_rate']:.1f}% | "
+                     f"{100 * row['accuracy_when_extracted']:.1f} | {test} |")
     return "\n".join(lines)
 
 
