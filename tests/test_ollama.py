@@ -114,10 +114,10 @@ def test_llama3_modelfile_renders_like_the_hf_template(smollm2_dir):
 
 
 def test_an_unknown_chat_format_is_refused(smollm2_dir):
-    gemma = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-    with pytest.raises(MedtuneError, match="neither ChatML .* nor Llama 3"):
-        ollama.modelfile(fresh_tokenizer(smollm2_dir, gemma), "m-Q4_K_M.gguf", "m", CHAT)
+    alpaca = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+              "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    with pytest.raises(MedtuneError, match="neither ChatML .*, Llama 3 .* nor Gemma .* as medtune knows them"):
+        ollama.modelfile(fresh_tokenizer(smollm2_dir, alpaca), "m-Q4_K_M.gguf", "m", CHAT)
 
 
 def test_a_chatml_variant_it_cannot_express_is_refused_not_written_wrong(smollm2_dir):
