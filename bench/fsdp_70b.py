@@ -117,6 +117,7 @@ def gathered_mismatches(model, source: RandomWeights) -> dict[str, int]:
     """First decoder layer, gathered by FSDP (`unshard`): elements of each weight whose bits differ from the weight
     it was made from (a 4-bit weight: from quantizing that weight here). Any change of the packed 4-bit data on its
     way through FSDP's gathers (it is stored as bf16 but is not bf16 numbers) shows here, where a loss would not."""
+    from medtune.train.parallel import BYTE_GATHER
     from medtune.train.sharded import NF4, checkpoint_name
 
     layer = model.get_base_model().model.layers[0]
@@ -125,7 +126,7 @@ def gathered_mismatches(model, source: RandomWeights) -> dict[str, int]:
     with torch.no_grad():
         for module_name, module in layer.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
-                if param.requires_grad:
+                if param.requires_grad or param_name == BYTE_GATHER:
                     continue
                 key = checkpoint_name(f"model.layers.0.{module_name}" if module_name else "model.layers.0",
                                       param_name)

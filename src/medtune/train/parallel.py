@@ -89,6 +89,13 @@ class Distributed:
         torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
 
 
+# FSDP2 gathers a layer whose parameters share one float dtype through a float copy that rewrites every NaN bit
+# pattern to one canonical NaN (measured on an H200: ~0.08% of a 4-bit weight's elements changed; bitsandbytes
+# issue #1945). NF4 data stored as bf16 is not bf16 numbers and holds such patterns, so a layer with 4-bit weights
+# gets this one-byte frozen parameter: a layer of mixed dtypes is gathered as bytes, bit for bit.
+BYTE_GATHER = "fsdp_byte_gather"
+
+
 def shard(loss_model: Any, trainable: list[torch.nn.Parameter], device: torch.device, world: int) -> None:
     """FSDP2 over the frozen base of `loss_model` (a CausalLMLoss around a PEFT model), in place."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -106,5 +113,9 @@ def shard(loss_model: Any, trainable: list[torch.nn.Parameter], device: torch.de
     mesh = init_device_mesh(device.type, (world,))
     ignored = set(trainable)
     for layer in layers:
+        if any(hasattr(module, "quant_state") for module in layer.modules()):  # bitsandbytes' 4-bit layers
+            where = next(layer.parameters()).device
+            layer.register_parameter(BYTE_GATHER, torch.nn.Parameter(
+                torch.zeros(world, dtype=torch.uint8, device=where), requires_grad=False))
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
     fully_shard(loss_model, mesh=mesh, ignored_params=ignored)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from medtune.errors import MedtuneError
+from medtune.train.parallel import BYTE_GATHER
 
 NF4 = {"quant_type": "nf4", "compress_statistics": True, "blocksize": 64}  # QLoRA's defaults (double quantization)
 
@@ -164,6 +165,9 @@ def fill_(model: Any, source: WeightSource, rank: int = 0, world: int = 1) -> No
     only this process's rows; a 4-bit layer's weight is quantized here from the whole weight, one at a time."""
     for name, module, param in _frozen_tensors(model):
         local = param._local_tensor if hasattr(param, "_local_tensor") else param.data
+        if name.endswith(BYTE_GATHER):  # not a weight of the base (train/parallel.py)
+            local.zero_()
+            continue
         if hasattr(module, "quant_state") and param is module.weight:  # a bitsandbytes Linear4bit
             import bitsandbytes as bnb
 
