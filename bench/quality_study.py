@@ -285,8 +285,9 @@ def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float 
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
             run_dir = STUDY / variant
-            with lock:
-                timings[variant] = {"jobs": jobs, "device": env.get("CUDA_VISIBLE_DEVICES")} if jobs > 1 else {}
+            with lock:  # stages timed in earlier calls stay
+                timings.setdefault(variant, {}).update(
+                    {"jobs": jobs, "device": env.get("CUDA_VISIBLE_DEVICES")} if jobs > 1 else {})
             for stage in stages:
                 if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
                     continue

@@ -92,7 +92,8 @@ class Distributed:
 # FSDP2 gathers a layer whose parameters share one float dtype through a float copy that rewrites every NaN bit
 # pattern to one canonical NaN (measured on an H200: ~0.08% of a 4-bit weight's elements changed; bitsandbytes
 # issue #1945). NF4 data stored as bf16 is not bf16 numbers and holds such patterns, so a layer with 4-bit weights
-# gets this one-byte frozen parameter: a layer of mixed dtypes is gathered as bytes, bit for bit.
+# gets a one-element frozen parameter of another float dtype (FSDP2 makes every parameter able to require
+# gradients, so not an integer one): a layer of mixed dtypes is gathered as bytes, bit for bit.
 BYTE_GATHER = "fsdp_byte_gather"
 
 
@@ -114,8 +115,9 @@ def shard(loss_model: Any, trainable: list[torch.nn.Parameter], device: torch.de
     ignored = set(trainable)
     for layer in layers:
         if any(hasattr(module, "quant_state") for module in layer.modules()):  # bitsandbytes' 4-bit layers
-            where = next(layer.parameters()).device
+            first = next(layer.parameters())
+            other = torch.float16 if first.dtype != torch.float16 else torch.float32
             layer.register_parameter(BYTE_GATHER, torch.nn.Parameter(
-                torch.zeros(world, dtype=torch.uint8, device=where), requires_grad=False))
+                torch.zeros(world, dtype=other, device=first.device), requires_grad=False))
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
     fully_shard(loss_model, mesh=mesh, ignored_params=ignored)
