@@ -98,3 +98,41 @@ def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monk
     assert seed["ci_low"] < 0.5 < seed["ci_high"]
     assert ("sft-seed", "loglik") in rows and rows[("sft-seed", "loglik")]["mcnemar_p_vs_base"] is None  # no base
     assert "| sft-seed | medqa | generate | 40 | 50.0 (35.2–64.8) | 50.0% | 100.0 |" in study.markdown(result)
+
+
+def test_variants_run_side_by_side_and_rpo_waits_for_its_base(tmp_path, monkeypatch) -> None:
+    """`gpu --jobs N --devices ...`: variants spread over the GPUs, rpo starts only once sft-fast-s1's merged model
+    is written, a failed variant stops only itself (and what depends on it), stages done in an earlier call are
+    skipped and their timings kept."""
+    import threading
+
+    monkeypatch.setattr(study, "STUDY", tmp_path / "study")
+    monkeypatch.setattr(study, "pack", lambda out: None)
+    calls, lock = [], threading.Lock()
+
+    def fake(stage, config, *sets, log, env=None):
+        run_dir = [s for s in sets if s.startswith("run_dir=")]
+        variant = Path(run_dir[0].split("=", 1)[1]).name if run_dir else Path(config).stem
+        with lock:
+            calls.append((variant, stage, env["CUDA_VISIBLE_DEVICES"]))
+        if (variant, stage) == ("sft-fast-s2", "train"):
+            raise SystemExit("train failed")
+        done = study.STUDY / variant / study.FOLDERS[stage]
+        done.mkdir(parents=True, exist_ok=True)
+        (done / "manifest.json").write_text("{}")
+        return 1.0
+
+    monkeypatch.setattr(study, "medtune", fake)
+    (study.STUDY / "sft-fast-s3" / "prepared").mkdir(parents=True)
+    (study.STUDY / "sft-fast-s3" / "prepared" / "manifest.json").write_text("{}")
+    (study.STUDY / "timings.json").write_text(json.dumps({"sft-fast-s3": {"data": 5.0}}))
+    study.run_gpu(["sft-fast-s1", "sft-fast-s2", "sft-fast-s3", "rpo"], tmp_path / "out", [], jobs=4,
+                  devices=["0", "1"])
+    order = [(v, s) for v, s, _ in calls]
+    assert order.index(("rpo", "pairs")) > order.index(("sft-fast-s1", "merge"))
+    assert ("sft-fast-s2", "merge") not in order and ("sft-fast-s3", "data") not in order
+    assert {v: d for v, _, d in calls} == {"sft-fast-s1": "0", "sft-fast-s2": "1", "sft-fast-s3": "0", "rpo": "1"}
+    timings = json.loads((study.STUDY / "timings.json").read_text())
+    assert timings["sft-fast-s3"]["data"] == 5.0 and timings["sft-fast-s3"]["eval"] == 1.0
+    assert [s for v, s in order if v == "rpo"] == ["pairs", "data", "train", "merge", "eval"]
+    assert (study.STUDY / "rpo" / "eval" / "manifest.json").is_file()

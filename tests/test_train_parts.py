@@ -180,3 +180,70 @@ def test_four_bit_base_filled_per_weight_matches_transformers_qlora_loader(tiny_
     ids = torch.tensor([[1, 5, 9, 200, 3]])
     with torch.no_grad():
         assert torch.allclose(mine(ids).logits.float(), theirs(ids).logits.float(), atol=1e-2)
+
+
+def test_a_layer_with_4bit_weights_is_gathered_as_bytes(tmp_path):
+    """FSDP2 gathers a layer whose parameters share one float dtype through a float copy, which on a GPU rewrites
+    every NaN bit pattern (bitsandbytes issue #1945; measured on H200s: ~0.08% of a packed NF4 weight changed). NF4
+    data stored as bf16 holds such patterns, so shard() gives a layer with 4-bit weights a parameter of another
+    dtype: FSDP2 then gathers it as bytes. A layer without 4-bit weights keeps its dtype's gather."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_all_gather_input_metadatas
+
+    from medtune.train.parallel import BYTE_GATHER, shard
+
+    class FourBit(torch.nn.Linear):  # what shard() recognises bitsandbytes' Linear4bit by
+        quant_state = None
+
+    class Layer(torch.nn.Module):
+        def __init__(self, four_bit: bool) -> None:
+            super().__init__()
+            self.proj = (FourBit if four_bit else torch.nn.Linear)(8, 8, bias=False, dtype=torch.bfloat16)
+            self.norm = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16), requires_grad=False)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer(True), Layer(False)])
+
+    class Base(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Decoder()
+
+    class Peft(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = Base()
+
+        def get_base_model(self):
+            return self.base
+
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Peft()
+
+    loss_model = Loss()
+    loss_model.requires_grad_(False)
+    # NaN bit patterns with payloads, as packed 4-bit data has them (-0x3D is 0xFFC3)
+    nan_bits = torch.tensor([0x7F81, -0x3D, 0x7FA5, 0x0102] * 16, dtype=torch.int16).view(torch.bfloat16)
+    with torch.no_grad():
+        loss_model.model.base.model.layers[0].proj.weight.copy_(nan_bits.view(8, 8))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard(loss_model, [], torch.device("cpu"), 1)
+        four, plain = loss_model.model.base.model.layers
+        assert hasattr(four, BYTE_GATHER) and not hasattr(plain, BYTE_GATHER)
+        assert getattr(four, BYTE_GATHER).dtype != torch.bfloat16 and not getattr(four, BYTE_GATHER).requires_grad
+        loss_model._get_fsdp_state()._lazy_init()  # what the first forward does
+        gather_dtypes = []
+        for layer in (four, plain):
+            params = layer._get_fsdp_state()._fsdp_param_group.fsdp_params
+            gather_dtypes.append(_get_all_gather_input_metadatas([p.all_gather_inputs for p in params])[2])
+        assert gather_dtypes == [torch.uint8, torch.bfloat16]
+        four.unshard()
+        assert torch.equal(four.proj.weight.detach().view(torch.int16), nan_bits.view(torch.int16).view(8, 8))
+        four.reshard()
+    finally:
+        dist.destroy_process_group()
