@@ -45,6 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from medtune.artifacts import RunDir  # noqa: E402
 from medtune.contamination import ContaminationGuard  # noqa: E402
 from medtune.formats.benchmarks import load_benchmark  # noqa: E402
 from medtune.formats.choice import (  # noqa: E402
@@ -327,7 +328,7 @@ def run_quant(variant: str, gguf_type: str = "Q4_K_M") -> None:
                 "run_dir=../../runs/study/sft-fast-s1", log=log)
     run_dir = STUDY / variant
     for stage in ("merge", "export"):
-        if not (run_dir / FOLDERS[stage] / "manifest.json").is_file():
+        if not RunDir(run_dir).is_complete(FOLDERS[stage]):  # the GPU archive leaves the merged weights out
             medtune(stage, str(CONFIGS / config), *sets, log=log)
     pattern, folder = GGUF_TYPES[gguf_type]
     gguf = next((run_dir / "gguf").glob(pattern))

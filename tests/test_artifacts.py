@@ -36,3 +36,23 @@ def test_atomic_write_json(tmp_path):
     atomic_write_json(path, {"a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_require_refuses_a_folder_missing_a_file_its_manifest_lists(tmp_path):
+    """A partial copy of a run (weights left out) is caught before a stage reads it, not deep inside llama.cpp."""
+    run = RunDir(tmp_path)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (folder / "notes.txt").write_text("n")
+    write_manifest(folder, "merge", "fp", {}, {})
+    assert run.require("merged", "medtune merge CONFIG") == folder and run.is_complete("merged")
+    (folder / "notes.txt").unlink()
+    assert run.require("merged", "medtune merge CONFIG", reads=("*.safetensors",)) == folder  # not a file it reads
+    with pytest.raises(MedtuneError, match="notes.txt.*run `medtune merge CONFIG` again"):
+        run.require("merged", "medtune merge CONFIG")
+    (folder / "model.safetensors").write_bytes(b"x" * 9)
+    with pytest.raises(MedtuneError, match="model.safetensors"):
+        run.require("merged", "medtune merge CONFIG", reads=("*.safetensors",))
+    assert not run.is_complete("merged")

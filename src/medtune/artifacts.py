@@ -8,6 +8,7 @@ fingerprints, input hashes, versions); a later run whose fingerprint matches ski
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -104,10 +105,27 @@ class RunDir:
     def manifest(self, stage: str) -> dict[str, Any] | None:
         return self.read_json(stage, MANIFEST)
 
-    def require(self, stage: str, hint: str) -> Path:
-        """The folder of a finished upstream stage, or a clear error saying which command makes it."""
+    def missing_files(self, stage: str, reads: tuple[str, ...] | None = None) -> list[str]:
+        """Files the stage's manifest lists (those matching `reads`, glob patterns; default all) that are absent or
+        of another size: a partial copy of a run."""
+        manifest = self.manifest(stage) or {}
+        folder = self.root / stage
+        return [f["path"] for f in manifest.get("files", [])
+                if (reads is None or any(fnmatch.fnmatch(f["path"], pattern) for pattern in reads))
+                and (not (folder / f["path"]).is_file() or (folder / f["path"]).stat().st_size != f["bytes"])]
+
+    def is_complete(self, stage: str) -> bool:
+        return self.manifest(stage) is not None and not self.missing_files(stage)
+
+    def require(self, stage: str, hint: str, reads: tuple[str, ...] | None = None) -> Path:
+        """The folder of a finished upstream stage whose files (those the caller `reads`; default all) are there as
+        its manifest lists them, or a clear error saying which command makes it."""
         if self.manifest(stage) is None:
             raise MedtuneError(f"{self.root / stage}: not found or incomplete; run `{hint}` first")
+        missing = self.missing_files(stage, reads)
+        if missing:
+            raise MedtuneError(f"{self.root / stage}: {len(missing)} file(s) its manifest lists are missing or of "
+                               f"another size ({', '.join(missing[:3])}); run `{hint}` again")
         return self.root / stage
 
     def is_current(self, stage: str, fp: str) -> bool:

@@ -87,7 +87,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import GenerationConfig
 
-    adapter = run_dir.require("adapter", "medtune train CONFIG")
+    adapter = run_dir.require("adapter", "medtune train CONFIG", reads=("adapter_config.json", "*.safetensors"))
     base = resolve_base(cfg.base.model, cfg.base.revision)
     check_unquantized(base)
     qlora = trained_with_qlora(cfg, run_dir)

@@ -149,13 +149,13 @@ def run_parity(path: Path, hf_dir: Path, prompt: str, max_tokens: int, logits: b
     proc = subprocess.run([sys.executable, "-m", "medtune.export.parity", json.dumps(spec)], capture_output=True,
                           text=True)
     if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
         if proc.returncode < 0:
             raise MedtuneError(
-                f"{path.name}: llama.cpp crashed (signal {-proc.returncode}) running this file; rebuild "
-                'llama-cpp-python for this CPU: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall '
-                "--no-cache-dir llama-cpp-python"
+                f"{path.name}: llama.cpp crashed (signal {-proc.returncode}) running this file; if it is a build "
+                'for another CPU, rebuild llama-cpp-python: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install '
+                f"--force-reinstall --no-cache-dir llama-cpp-python. Its last words:\n{tail}"
             )
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
         raise MedtuneError(f"{path.name}: the parity checks (python -m medtune.export.parity) failed on this file:\n"
                            f"{tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
