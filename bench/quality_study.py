@@ -235,9 +235,16 @@ def command_line(variant: str) -> str:
     return f"medtune run configs/study/{config}{sets}"
 
 
-def pack(out: Path) -> Path:
-    """Each run's eval/ (no cache), adapter/ (no checkpoints), reports and logs, in one archive."""
+PART_BYTES = 15_000_000  # a file the GPU machine sends back may not exceed 16 MiB
+
+
+def pack(out: Path) -> list[Path]:
+    """Each run's eval/ (no cache), adapter/ (no checkpoints), reports and logs, in one archive, split into parts
+    the GPU machine can send back: `cat study_runs.tar.gz.* | tar xz -C runs/study` joins and unpacks them."""
     archive = out / "study_runs.tar.gz"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("study_runs.tar.gz*"):
+        old.unlink()
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(info.name).parts
@@ -252,7 +259,13 @@ def pack(out: Path) -> Path:
                 tar.add(run, arcname=run.name, filter=keep)
         if (STUDY / "timings.json").is_file():
             tar.add(STUDY / "timings.json", arcname="timings.json")
-    return archive
+    data = archive.read_bytes()
+    archive.unlink()
+    parts = []
+    for k in range(0, max(1, len(data)), PART_BYTES):
+        parts.append(out / f"study_runs.tar.gz.{k // PART_BYTES:02d}")
+        parts[-1].write_bytes(data[k:k + PART_BYTES])
+    return parts
 
 
 def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float | None = None, jobs: int = 1,
