@@ -8,8 +8,9 @@ Phases (each a subcommand; the study's configs are under configs/study/):
           training record may match an evaluation question. Writes runs/study/data/manifest.json (counts, hashes).
   gpu     Runs the variants through medtune's stages on a GPU (data, [pairs], train, merge, eval; llama.cpp is not
           needed there): base, sft-seed (the seed's recipe), sft-fast x 3 seeds (the fast GPU recipe), rpo (DPO + NLL
-          on pairs sampled from sft-fast's first seed). Packs each run's eval/, adapter/ (without checkpoints) and
-          reports into one archive for the report phase.
+          on pairs sampled from sft-fast's first seed); `--jobs N --devices 0,1` runs them side by side. Packs each
+          run's eval/, adapter/ (without checkpoints) and reports into one archive (in parts under 16 MiB) for the
+          report phase.
   quant   On a CPU with llama.cpp: merge + export the chosen variant (F16 + Q4_K_M), then evaluate its Q4_K_M file
           (--type F16: its F16 file) on PubMedQA (500) and 300 MedQA items (a stratified sample) through llama.cpp.
   report  Accuracy with 95% Wilson intervals, extraction failures, McNemar's exact test against base and against the
@@ -17,7 +18,7 @@ Phases (each a subcommand; the study's configs are under configs/study/):
           docs/quality.png and prints the README table.
 
   python bench/quality_study.py data
-  python bench/quality_study.py gpu --out /tmp/out          # on the GPU machine
+  python bench/quality_study.py gpu --out /tmp/out --jobs 4  # on the GPU machine
   python bench/quality_study.py quant --variant sft-fast-s1  # here, after unpacking the GPU archive
   python bench/quality_study.py report
 """
