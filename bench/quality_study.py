@@ -303,6 +303,8 @@ def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float 
             with lock:  # stages timed in earlier calls stay
                 timings.setdefault(variant, {}).update(
                     {"jobs": jobs, "device": env.get("CUDA_VISIBLE_DEVICES")} if jobs > 1 else {})
+            if (run_dir / FOLDERS["merge"] / "manifest.json").is_file():  # merged in an earlier call
+                merged[variant].set()
             for stage in stages:
                 if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
                     continue
