@@ -73,8 +73,8 @@ def test_study_configs_share_the_evaluation_and_the_base() -> None:
 
 def _write(path: Path, correct: list[bool], extracted: str | None = "A") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": str(i), "correct": c, "extracted": extracted if c else None}) + "\n"
-                            for i, c in enumerate(correct)))
+    path.write_text("".join(json.dumps({"id": str(i), "correct": c, "extracted": extracted if c else None,
+                                        "gold": extracted if c else "B"}) + "\n" for i, c in enumerate(correct)))
 
 
 def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monkeypatch) -> None:
@@ -98,6 +98,9 @@ def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monk
     assert seed["ci_low"] < 0.5 < seed["ci_high"]
     assert ("sft-seed", "loglik") in rows and rows[("sft-seed", "loglik")]["mcnemar_p_vs_base"] is None  # no base
     assert "| sft-seed | medqa | generate | 40 | 50.0 (35.2–64.8) | 50.0% | 100.0 |" in study.markdown(result)
+    assert seed["answer_shares"] == {"A": 0.5, "None": 0.5}
+    # base's key: 10 items "A" (its right answers), 30 "B": always "B" scores 75%
+    assert result["always_most_common_answer"]["medqa"] == {"answer": "B", "accuracy": 0.75, "n": 40}
 
 
 def test_variants_run_side_by_side_and_rpo_waits_for_its_base(tmp_path, monkeypatch) -> None:
