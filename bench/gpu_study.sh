@@ -25,5 +25,5 @@ case "${1:-}" in
   run)
     python3 bench/quality_study.py gpu --out "$OUT" --stop-after "${2:-360}" "${@:3}" 2>&1 | tail -20
     for log in "$OUT"/study-*.log; do echo "== $log"; tail -c 1500 "$log"; done ;;
-  *) echo "usage: bash bench/gpu_study.sh stash|join|run [seconds]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_study.sh stash|join|run [seconds] [quality_study.py gpu options]" >&2; exit 2 ;;
 esac

@@ -92,6 +92,12 @@ QUANT_LIMIT = {"medqa": 300, "pubmedqa": None}  # GGUF files on a CPU: all of Pu
 GGUF_TYPES = {"Q4_K_M": ("*Q4_K_M.gguf", "eval-q4"), "F16": ("*fp16.gguf", "eval-f16")}
 
 
+def gguf_row(variant: str) -> tuple[str, str | None]:
+    """("sft-seed", "Q4_K_M") for the row "sft-seed-Q4_K_M"; (variant, None) for an HF model's row."""
+    hf_variant, _, gguf_type = variant.rpartition("-")
+    return (hf_variant, gguf_type) if gguf_type in GGUF_TYPES else (variant, None)
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -431,8 +437,8 @@ def report(commands: dict[str, str], device: str) -> dict[str, Any]:
             if previous is not None:
                 row["vs_previous"] = {"variant": CHAIN[CHAIN.index(variant) - 1],
                                       **summarize(records, previous)["paired"]}
-        hf_variant, _, gguf_type = variant.rpartition("-")
-        if gguf_type in GGUF_TYPES:
+        hf_variant, gguf_type = gguf_row(variant)
+        if gguf_type is not None:
             references = [("hf", found.get((hf_variant, bench, "generate")))]
             if gguf_type != "F16":  # the same engine and items, unquantized
                 references.append(("f16", found.get((f"{hf_variant}-F16", bench, "generate"))))
@@ -513,12 +519,8 @@ def markdown(result: dict[str, Any]) -> str:
              "| vs base: McNemar p (base only / variant only) |",
              "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     order = {v: i for i, v in enumerate(VARIANTS)}
-
-    def hf_variant(variant: str) -> str:  # "sft-seed-Q4_K_M" -> "sft-seed"
-        return variant.rpartition("-")[0] if variant.endswith(tuple(GGUF_TYPES)) else variant
-
     for row in sorted(result["results"], key=lambda r: (list(BENCHMARKS).index(r["benchmark"]), r["mode"],
-                                                         order.get(hf_variant(r["variant"]), 99))):
+                                                         order.get(gguf_row(r["variant"])[0], 99))):
         vs = row.get("vs_base")
         test = f"{vs['p_value']:.2g} ({vs['only_reference']}/{vs['only_this']})" if vs else "—"
         lines.append(f"| {row['variant']} | {row['benchmark']} | {row['mode']} | {row['n']} | "
