@@ -142,3 +142,41 @@ def test_trainable_tokens_train_and_merge_the_marker_rows(tiny_config):
         from medtune.train.setup import apply_lora
 
         apply_lora(None, load_config(tiny_config, ["train.lora.trainable_tokens=[<nope>]"]), UI(), cfg.base.model)
+
+
+def test_a_trainable_token_row_can_start_as_another_tokens_row(tiny_config):
+    """train.lora.trainable_tokens_from: <|im_end|>'s row starts as <|endoftext|>'s, in the embedding and the tied
+    head, and merges so; the other trainable row starts as itself. Misnamed tokens and FSDP are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from medtune.train.setup import apply_lora, empty_base_for_sharding
+    from medtune.ui import UI
+
+    eos, bos, eot = 0, 1, 2  # <|endoftext|>, <|im_start|>, <|im_end|> in SmolLM2's vocabulary
+    cfg = load_config(tiny_config, ["train.lora.trainable_tokens=[<|im_start|>,<|im_end|>]",
+                                    "train.lora.trainable_tokens_from={<|im_end|>: <|endoftext|>}"])
+    base = AutoModelForCausalLM.from_pretrained(cfg.base.model)
+    original = base.get_input_embeddings().weight.detach().clone()
+    assert not torch.equal(original[eot], original[eos])
+    model = apply_lora(base, cfg, UI(), cfg.base.model)
+    with torch.no_grad():
+        ids = torch.tensor([[eos, bos, eot]])
+        embedded = model.get_input_embeddings()(ids)[0]
+    assert torch.equal(embedded[2], original[eos]) and torch.equal(embedded[1], original[bos])
+    merged = model.merge_and_unload()
+    weight = merged.get_input_embeddings().weight
+    assert torch.equal(weight[eot], original[eos]) and torch.equal(weight[bos], original[bos])
+    assert merged.get_output_embeddings().weight.data_ptr() == weight.data_ptr()  # still tied: the head row too
+    changed = (weight - original).abs().amax(dim=1)
+    assert changed.count_nonzero() == 1
+
+    with pytest.raises(MedtuneError, match="not in train.lora.trainable_tokens"):
+        load_config(tiny_config, ["train.lora.trainable_tokens_from={<|im_end|>: <|endoftext|>}"])
+    with pytest.raises(MedtuneError, match="'<nope>' is not a token"):
+        apply_lora(None, load_config(tiny_config, ["train.lora.trainable_tokens=[<|im_end|>]",
+                                                   "train.lora.trainable_tokens_from={<|im_end|>: <nope>}"]),
+                   UI(), cfg.base.model)
+    with pytest.raises(MedtuneError, match="trainable_tokens does not combine with train.strategy fsdp"):
+        empty_base_for_sharding(load_config(tiny_config, ["train.lora.trainable_tokens=[<|im_end|>]",
+                                                          "train.strategy=fsdp"]), cfg.base.model, "fp32",
+                                torch.device("cpu"))

@@ -73,9 +73,31 @@ def apply_lora(model: Any, cfg: Config, ui: UI, base: str) -> Any:
         if missing:
             raise MedtuneError(f"train.lora.trainable_tokens: {missing[0]!r} is not a token of this tokenizer")
         extra["trainable_token_indices"] = [vocab[t] for t in lora.trainable_tokens]
+        unknown = [t for t in lora.trainable_tokens_from.values() if t not in vocab]
+        if unknown:
+            raise MedtuneError(f"train.lora.trainable_tokens_from: {unknown[0]!r} is not a token of this tokenizer")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                         use_dora=lora.dora, task_type="CAUSAL_LM", **extra)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if lora.trainable_tokens_from:
+        start_token_rows(model, {vocab[t]: vocab[src] for t, src in lora.trainable_tokens_from.items()})
+    return model
+
+
+def start_token_rows(model: Any, starts: dict[int, int]) -> None:
+    """Trainable token rows start as copies of other rows ({token id: id of the row it copies}) of the same weight.
+    A tied head shares the embedding's trainable rows, so the copy reaches the output side too."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, TrainableTokensLayer) or module.tied_adapter is not None:
+                continue
+            weight = module.get_base_layer().weight
+            for name, delta in module.trainable_tokens_delta.items():
+                for row, index in enumerate(module.token_indices[name]):
+                    if index in starts:
+                        delta[row] = weight[starts[index]].to(delta.dtype)
 
 
 def init_lora(model: Any, seed: int) -> None:
@@ -138,6 +160,9 @@ def empty_base_for_sharding(cfg: Config, base: str, precision: str, device: torc
     if tc.lora.dora:
         raise MedtuneError("train.lora.dora does not combine with train.strategy fsdp (DoRA's magnitudes need each "
                            "whole weight); use strategy ddp")
+    if tc.lora.trainable_tokens:
+        raise MedtuneError("train.lora.trainable_tokens does not combine with train.strategy fsdp (their rows start "
+                           "from the whole embedding); use strategy ddp")
     if tc.attention == "varlen":
         from medtune.train.attention import register
 
