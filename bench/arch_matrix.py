@@ -134,7 +134,9 @@ def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...
             else:
                 numbers = _numbers(stage, run_stage(BY_NAME[stage], cfg, run, ui))
         except Exception as exc:  # noqa: BLE001 - recorded, and the chain stops here
-            row[stage] = {"passed": False, "error": str(exc).strip().splitlines()[0][:300],
+            # every line: a verification failure names each file's problem on a line of its own
+            row[stage] = {"passed": False, "error": " | ".join(
+                          line.strip() for line in str(exc).strip().splitlines() if line.strip())[:1000],
                           "where": traceback.format_exc().strip().splitlines()[-1][:200]}
             break
         row[stage] = {**numbers, "seconds": round(time.perf_counter() - start, 1)}

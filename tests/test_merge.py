@@ -128,3 +128,25 @@ def test_a_base_stored_quantized_is_refused(tmp_path, tiny_base):
     with pytest.raises(MedtuneError, match="stored quantized \\(bitsandbytes\\).*unquantized"):
         merge.check_unquantized(str(quantized))
     merge.check_unquantized(str(tiny_base))
+
+
+def test_a_base_whose_eos_is_not_its_end_of_turn_gets_a_chat_models_eos(tmp_path, tiny_base, smollm2_tokenizer):
+    """A base model's tokenizer names its pre-training eos (<|endoftext|> here) while its chat turns end with
+    <|im_end|>: the merged tokenizer's eos is <|im_end|> (what llama.cpp's converter writes as the GGUF's eos), and
+    generation stops at both."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    run = RunDir(tmp_path / "run")
+    make_adapter(run, base)
+    out = tmp_path / "run" / "merged"
+    out.mkdir()
+    merge.run(make_config(run.root, base), run, out, UI())
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = GenerationConfig.from_pretrained(out).eos_token_id
+    assert {0, 2} <= set(stops)  # <|endoftext|> and <|im_end|>

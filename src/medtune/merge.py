@@ -21,7 +21,14 @@ import torch
 from medtune.artifacts import RunDir
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.models import load_model, load_tokenizer, overflows_in_fp16, resolve_base, stop_token_ids
+from medtune.models import (
+    end_of_turn_token,
+    load_model,
+    load_tokenizer,
+    overflows_in_fp16,
+    resolve_base,
+    stop_token_ids,
+)
 from medtune.ui import UI
 
 # Max |logit| difference allowed between base + adapter and the merged weights, by merge dtype.
@@ -108,14 +115,22 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
             f"that {adapter} was trained on {cfg.base.model}"
         )
 
+    # Every end-of-turn id stops generation (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>; Gemma <eos> too).
+    stops = stop_token_ids(tokenizer)
+    eot = end_of_turn_token(tokenizer)
+    if tokenizer.eos_token != eot:
+        # A chat model's eos is the marker that ends its turn, as instruct releases ship it; a base given its chat
+        # template by config still names the pre-training eos, which llama.cpp's converter would write into the GGUF
+        # as the token that ends a reply.
+        ui.log(f"merge: the merged tokenizer's eos is {eot} (the base's was {tokenizer.eos_token})")
+        tokenizer.eos_token = eot
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     try:
         generation = GenerationConfig.from_pretrained(base)
     except OSError:
         generation = GenerationConfig()
-    # Every end-of-turn id stops generation (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
-    generation.eos_token_id = stop_token_ids(tokenizer)
+    generation.eos_token_id = stops
     generation.pad_token_id = tokenizer.pad_token_id
     # transformers' generate() then samples as `medtune chat` and the Modelfile do, from the run's `chat` settings.
     generation.do_sample, generation.temperature, generation.top_p = True, cfg.chat.temperature, cfg.chat.top_p
