@@ -4,7 +4,8 @@
 
 llama runs configs/demo.yaml (SmolLM2-135M-Instruct), gemma3 configs/gemma3-270m-demo.yaml (google/gemma-3-270m, a
 base model given Gemma's chat template by config), qwen3 a random-weight Qwen3 (q_norm / k_norm; 2 layers) with
-Qwen's real tokenizer and the ChatML template (tests/qwen_shape.py). Each stage runs in this process through the
+Qwen's real tokenizer as a base release has it (no chat template, eos <|endoftext|>), given ChatML by config
+(tests/qwen_shape.py). Each stage runs in this process through the
 pipeline's own runner; a stage that raises is recorded as failed with its message and the later stages are skipped.
 A stage whose folder in --work is current for the same config is not run again: its manifest's results are read
 ("reused": true). A random-weight model cannot pass the checks only a trained model meets (F16 top-1 >= 99% against
@@ -38,7 +39,7 @@ def _qwen3_config(work: Path) -> Path:
     import yaml
     from qwen_shape import build_model
 
-    base = build_model(work / "qwen3-base", work / "qwen-cache", "qwen3")
+    base = build_model(work / "qwen3-base", work / "qwen-cache", "qwen3", base=True)
     raw = yaml.safe_load(CONFIGS["llama"].read_text(encoding="utf-8"))
     raw.update(name="qwen3-random", base={"model": str(base), "chat_template": "chatml"})
     raw["export"]["name"] = "qwen3-random"

@@ -51,8 +51,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def build_tokenizer(out: Path, cache: Path) -> None:
-    """Write Qwen2's tokenizer files (tokenizer.json, tokenizer_config.json with ChatML) into `out`."""
+def build_tokenizer(out: Path, cache: Path, base: bool = False) -> None:
+    """Write Qwen2's tokenizer files (tokenizer.json, tokenizer_config.json) into `out`: an instruct release's (ChatML,
+    eos <|im_end|>), or with `base` a base release's (no chat template, eos <|endoftext|>)."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -86,24 +87,25 @@ def build_tokenizer(out: Path, cache: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "bos_token": None,
-              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace",
-              "add_prefix_space": False, "clean_up_tokenization_spaces": False, "chat_template": CHATML}
+              "eos_token": "<|endoftext|>" if base else "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+              "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+              **({} if base else {"chat_template": CHATML})}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def build_model(out: Path, cache: Path, arch: str = "qwen3", seed: int = 0) -> Path:
+def build_model(out: Path, cache: Path, arch: str = "qwen3", seed: int = 0, base: bool = False) -> Path:
     """A random-weight Qwen3 (q_norm / k_norm) or Qwen2 (q/k/v biases), 2 layers, hidden 256 (K-quants apply),
-    saved with the Qwen tokenizer: a model directory every stage loads."""
+    saved with the Qwen tokenizer (a base release's with `base`): a model directory every stage loads."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    build_tokenizer(out, cache)
+    build_tokenizer(out, cache, base)
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(seed)
     common = dict(vocab_size=FIRST_SPECIAL + len(SPECIALS), hidden_size=256, intermediate_size=512,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   tie_word_embeddings=True, bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                  eos_token_id=tokenizer.eos_token_id)
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=64, **common))
     else:

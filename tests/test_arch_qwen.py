@@ -52,7 +52,9 @@ def test_the_tokenizer_is_qwens(qwen_cache, tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
 def test_qwen_trains_merges_and_converts(arch, qwen_cache, tmp_path):
-    base = build_model(tmp_path / arch, qwen_cache, arch)
+    """qwen3 is shaped as a base release (no chat template, eos <|endoftext|>) given ChatML by config; qwen2 as an
+    instruct release."""
+    base = build_model(tmp_path / arch, qwen_cache, arch, base=arch == "qwen3")
     cfg = load_config(_config(tmp_path, base))
     run = RunDir(cfg.run_dir)
     for name in ("data", "train", "merge"):
@@ -63,6 +65,8 @@ def test_qwen_trains_merges_and_converts(arch, qwen_cache, tmp_path):
     assert merge["max_logit_diff"] < merge["tolerance"]
     saved = json.loads((run / "merged" / "config.json").read_text())
     assert saved["model_type"] == arch
+    merged_tokenizer = json.loads((run / "merged" / "tokenizer_config.json").read_text())
+    assert merged_tokenizer["eos_token"] == "<|im_end|>"  # a chat model's eos, the base's own included
     if arch == "qwen2":
         return
     # A random model neither agrees with itself at 99% top-1 in F16 nor answers and stops: relax those checks only.
@@ -75,5 +79,6 @@ def test_qwen_trains_merges_and_converts(arch, qwen_cache, tmp_path):
         assert checked["metadata"]["chat_template_matches"]
         assert checked["tokenizer"]["fatal_mismatches"] == 0
     assert results["files"]["F16"]["metadata"]["architecture"] == "qwen3"
+    assert results["files"]["F16"]["metadata"]["eos_token_id"] == FIRST_SPECIAL + 2  # llama.cpp ends replies there
     modelfile = (run / "gguf" / "Modelfile").read_text()
     assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
