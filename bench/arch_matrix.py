@@ -88,17 +88,22 @@ def _numbers(stage: str, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chat(gguf_dir: Path, trained: bool) -> dict[str, Any]:
-    """One question to the Q4_K_M file through llama.cpp with the GGUF's own chat template."""
+    """One question to every exported file through llama.cpp with the GGUF's own chat template, greedy. A trained
+    model passes when every file answers and stops; a random one when every file answers."""
     from llama_cpp import Llama
 
-    path = next(gguf_dir.glob("*-Q4_K_M.gguf"))
-    llm = Llama(model_path=str(path), n_ctx=2048, verbose=False)
-    out = llm.create_chat_completion([{"role": "user", "content": QUESTION}], temperature=0.0, max_tokens=256)
-    choice = out["choices"][0]
-    text = choice["message"]["content"]
-    stopped = choice["finish_reason"] == "stop"
-    return {"passed": bool(text.strip()) and (stopped or not trained), "finish_reason": choice["finish_reason"],
+    files = {}
+    for path in sorted(gguf_dir.glob("*.gguf")):
+        llm = Llama(model_path=str(path), n_ctx=2048, verbose=False)
+        out = llm.create_chat_completion([{"role": "user", "content": QUESTION}], temperature=0.0, max_tokens=256)
+        choice = out["choices"][0]
+        text = choice["message"]["content"]
+        files[path.stem.rsplit("-", 1)[-1]] = {
+            "answered": bool(text.strip()), "finish_reason": choice["finish_reason"],
             "completion_tokens": out["usage"]["completion_tokens"], "answer_tail": text.strip()[-80:]}
+        del llm
+    passed = all(f["answered"] and (f["finish_reason"] == "stop" or not trained) for f in files.values())
+    return {"passed": bool(files) and passed, "files": files}
 
 
 STAGES = ("data", "train", "merge", "export", "chat", "eval")
