@@ -150,6 +150,38 @@ def run_arch(arch: str, work: Path, overrides: list[str], stages: tuple[str, ...
     return row
 
 
+def _cell(stage: str, r: dict[str, Any] | None) -> str:
+    """One cell of the markdown matrix: pass / FAIL and the stage's main numbers."""
+    if r is None:
+        return "not run"
+    if "error" in r:
+        return f"FAIL: {r['error'][:200]}"
+    if stage == "data":
+        text = f"{r['train_rows']} rows, {r['train_tokens']} tok, ends {r['end_of_turn_token']}"
+    elif stage == "train":
+        text = f"{r['steps']} steps {r['precision']}, val loss {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}"
+    elif stage == "merge":
+        text = f"max dlogit {r['max_logit_diff']:.1e} ({r['dtype']})"
+    elif stage == "export":
+        f16 = r["files"].get("F16", {})
+        text = (f"tok {f16.get('tokenizer_identical')}, F16 top-1 {f16.get('top1_agreement', 0):.3f}, " + ", ".join(
+            f"{t} ppl {f['perplexity']:.2f}/{f['answer_finish']}" for t, f in r["files"].items()))
+    elif stage == "chat":
+        text = ", ".join(f"{t} {f['finish_reason']} {f['completion_tokens']} tok" for t, f in r["files"].items())
+    else:
+        text = "; ".join(f"{m} {name} {s['accuracy']:.2f} (n {s['n']})" for kind in ("generate", "loglik")
+                         for m, per in r[kind].items() for name, s in per.items())
+    return f"{'pass' if r['passed'] else 'FAIL'}: {text}"
+
+
+def table(matrix: dict[str, Any]) -> str:
+    """The matrix as the markdown table BENCHMARKS.md shows."""
+    lines = ["| arch | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+    for arch, row in matrix.items():
+        lines.append(f"| {arch} | " + " | ".join(_cell(s, row.get(s)) for s in STAGES) + " |")
+    return "\n".join(lines)
+
+
 def _write(out: Path, matrix: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
@@ -166,7 +198,11 @@ def main() -> None:
     parser.add_argument("--from-run", nargs=2, metavar=("ARCH", "RUN_DIR"), default=None,
                         help="record ARCH from the manifests an earlier run left in RUN_DIR (its stages are not run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every arch")
+    parser.add_argument("--table", action="store_true", help="print --out's matrix as a markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="arch-matrix-"))
     matrix = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.from_run:
