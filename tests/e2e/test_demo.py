@@ -45,12 +45,17 @@ def test_training_lowered_validation_loss(demo_run):
 
 def test_every_gguf_loads_answers_and_stops_at_end_of_turn(demo_run):
     from llama_cpp import Llama
+    from transformers import AutoTokenizer
 
     gguf_dir = demo_run[0] / "gguf"
     names = sorted(p.name for p in gguf_dir.glob("*.gguf"))
     assert names == [f"smollm2-135m-medical-demo-{t}.gguf" for t in ("Q4_K_M", "Q5_K_M", "Q8_0", "fp16")]
     question = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
                 "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
+    # An answer in the trained shape (a one-sentence rationale, then the answer line): the turn ends a few tokens on.
+    finished = (AutoTokenizer.from_pretrained(demo_run[0] / "merged").apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        + "The pancreas produces insulin, which lowers blood glucose.\nThe answer is B.")
     for name in names:
         llm = Llama(model_path=str(gguf_dir / name), n_ctx=2048, verbose=False)
         out = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
@@ -59,6 +64,8 @@ def test_every_gguf_loads_answers_and_stops_at_end_of_turn(demo_run):
         assert choice["message"]["content"].strip(), name
         assert choice["finish_reason"] == "stop", (name, choice["message"]["content"][-300:])
         assert "<|im_end|>" not in choice["message"]["content"]
+        after = llm.create_completion(finished, temperature=0.0, max_tokens=16)["choices"][0]
+        assert after["finish_reason"] == "stop", (name, after["text"])
 
 
 def test_tensor_types_match_file_names(demo_run):
