@@ -51,24 +51,29 @@ def medtune_side(model_dir: str, limit: int, batch_size: int) -> tuple[dict[str,
     return {item.id: s for item, s in zip(items, scores)}, {item.id: item.answer for item in items}
 
 
-def lm_eval_command(lm_eval: str, model_dir: str, limit: int, batch_size: int, output: Path) -> list[str]:
+def lm_eval_command(lm_eval: str, model_dir: str, limit: int, batch_size: int, output: Path,
+                    task: str = TASK) -> list[str]:
     return [lm_eval, "run", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
-            "--include_path", str(TASK_DIR.relative_to(ROOT)), "--tasks", TASK, "--device", "cpu",
+            "--include_path", str(TASK_DIR.relative_to(ROOT)), "--tasks", task, "--device", "cpu",
             "--batch_size", str(batch_size), "--limit", str(limit), "--output_path", str(output), "--log_samples"]
+
+
+def run_lm_eval(command: list[str], output: Path, task: str) -> tuple[dict, list[dict]]:
+    """Run lm-eval offline; its results file and its logged samples of `task`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    results = json.loads(next(output.rglob("results_*.json")).read_text())
+    samples = [json.loads(line) for line in next(output.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+    return results, samples
 
 
 def lm_eval_side(command: list[str], output: Path) -> tuple[float, dict[str, dict[str, float]]]:
     """lm-eval's acc and {realidx: {letter: log-likelihood}} from its logged samples."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
-    results = json.loads(next(output.rglob("results_*.json")).read_text())
-    acc = results["results"][TASK]["acc,none"]
-    per_item = {}
-    for line in next(output.rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines():
-        sample = json.loads(line)
-        per_item[str(sample["doc"]["realidx"])] = {letter: float(resp[0])
-                                                   for letter, resp in zip("ABCD", sample["filtered_resps"])}
-    return acc, per_item
+    results, samples = run_lm_eval(command, output, TASK)
+    per_item = {str(sample["doc"]["realidx"]): {letter: float(resp[0])
+                                                for letter, resp in zip("ABCD", sample["filtered_resps"])}
+                for sample in samples}
+    return results["results"][TASK]["acc,none"], per_item
 
 
 def env_versions(python: str) -> dict[str, str]:

@@ -302,8 +302,11 @@ def eval_command(
                                                     "(each against the first)")] = None,
     benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="KIND:FILE, KIND one of medqa, "
                                                         "medmcqa, pubmedqa, mmlu; repeatable")] = None,
-    mode: Annotated[str, typer.Option(help="generate (chain of thought, answer extracted) or loglik (options' "
-                                      "log-likelihood; HF models only)")] = "generate",
+    mode: Annotated[str, typer.Option(help="generate (chain of thought, answer extracted), loglik (option "
+                                      "letters' log-likelihood; HF models only) or cloze (option texts' "
+                                      "log-likelihood, no letters shown; HF models only)")] = "generate",
+    circular: Annotated[bool, typer.Option("--circular", help="generate/loglik: also ask each item under every "
+                                           "circular shift of its options (right only if right under all)")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="A stratified sample of N items per benchmark")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens per generated answer (default: "
                                                        "eval.max_new_tokens's default)")] = None,
@@ -329,8 +332,8 @@ def eval_command(
         if set_:
             raise MedtuneError("--set changes a run config; without CONFIG use the options (--mode, --limit, ...)")
         with _progress_ui() as ui:
-            evaluate(model or [], benchmark or [], out, ui, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size)
+            evaluate(model or [], benchmark or [], out, ui, mode=mode, circular=circular, limit=limit,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size)
         console.print(f"wrote {out / 'results.md'}", highlight=False)
     except MedtuneError as exc:
         _fail(exc)

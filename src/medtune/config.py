@@ -191,10 +191,22 @@ class EvalConfig(Section):
     models: list[str] = ["Q4_K_M"]  # GGUF types of this run, "merged", or paths
     limit: int | None = Field(None, gt=0)  # a stratified sample of each benchmark (by answer letter, subject)
     max_new_tokens: int = Field(512, gt=0)
-    mode: Literal["generate", "loglik"] = "generate"  # loglik: options' log-likelihood, lm-eval style (HF models)
+    # loglik: the option letters' log-likelihood, lm-eval style; cloze: the option texts' (no letters shown); HF only
+    mode: Literal["generate", "loglik", "cloze"] = "generate"
+    # generate / loglik: also ask each item under every circular shift of its options (right only if right under all)
+    circular: bool = False
     batch_size: int | None = Field(None, gt=0)  # HF items per batch; None: 16 on a GPU, 1 (generate) / 8 (loglik)
     # mode generate: these HF models ("base", "merged", paths) are also scored by log-likelihood, into eval/loglik/
     loglik_models: list[str] = []
+    # how eval/loglik/ scores them: the option letters (lm-eval's MC prompts) or the option texts (cloze, OLMES)
+    loglik_formulation: Literal["letters", "cloze"] = "letters"
+
+    @model_validator(mode="after")
+    def _circular_needs_letters(self) -> EvalConfig:
+        if self.circular and self.mode == "cloze":
+            raise ValueError("eval.circular applies to mode generate or loglik: mode cloze shows no option letters, "
+                             "so their order cannot favour one; set eval.circular: false or another mode")
+        return self
 
 
 class Config(Section):

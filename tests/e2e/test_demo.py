@@ -94,7 +94,15 @@ def test_eval_table(demo_run):
         result = summary["models"][model]["medqa-sample"]
         assert result["n"] == 8
         assert 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
-    assert "| Q4_K_M | medqa-sample | 8 |" in (demo_run[0] / "eval" / "results.md").read_text()
+    text = (demo_run[0] / "eval" / "results.md").read_text()
+    assert "| Q4_K_M | medqa-sample | 8 |" in text
+    # the score of always giving the keys' most common letter, and each model's answer shares, beside the scores
+    constant = summary["always_most_common_answer"]["medqa-sample"]
+    assert constant["n"] == 8 and f"| always the most common answer | {constant['accuracy']:.1%}" in text
+    for model in ("base", "Q4_K_M"):
+        shares = summary["models"][model]["medqa-sample"]["answer_shares"]
+        assert set(shares) == {"A", "B", "C", "D", "none"}
+        assert sum(shares.values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_tuned_model_learned_the_answer_format(demo_run):
@@ -115,10 +123,15 @@ def test_tuned_model_learned_the_answer_format(demo_run):
 def test_loglik_view_of_base_and_merged(demo_run):
     run_dir, proc = demo_run
     summary = json.loads((run_dir / "eval" / "loglik" / "summary.json").read_text())
-    assert summary["mode"] == "loglik" and list(summary["models"]) == ["base", "merged"]
+    # the option texts' log-likelihood (cloze), reported by acc_norm: the formulation a 135M model can be measured in
+    assert summary["mode"] == "cloze" and list(summary["models"]) == ["base", "merged"]
     for per_model in summary["models"].values():
         result = per_model["medqa-sample"]
-        assert result["n"] == 8 and result["extraction_failures"] == 0
+        assert result["n"] == 8 and result["extraction_failures"] == 0 and result["formulation"] == "cloze-norm"
+        assert set(result["answer_shares"]) >= {"A", "B", "C", "D", "none"}
+    assert {(r["model"], r["formulation"]) for r in summary["rows"]} == \
+        {(m, f) for m in ("base", "merged") for f in ("cloze", "cloze-norm")}
+    assert summary["always_most_common_answer"]["medqa-sample"]["n"] == 8
     # the same 8 items in both views
     generated = read_jsonl(run_dir / "eval" / "base" / "medqa-sample.jsonl")
     scored = read_jsonl(run_dir / "eval" / "loglik" / "merged" / "medqa-sample.jsonl")

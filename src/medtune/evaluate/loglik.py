@@ -4,8 +4,10 @@ Each benchmark's prompt is the one of its lm-eval task (medqa_4options, medmcqa,
 "Answer:"; each option is the continuation " A" (" yes" for PubMedQA). A continuation is tokenized as lm-eval does:
 context and continuation together, the continuation's tokens being whatever follows the context's own tokens. Its
 score is the sum of the log-probabilities of those tokens; the prediction is the option with the highest score
-(lm-eval's `acc`). When every option is one token after the same context, one forward pass over the context scores
-them all; otherwise each option is scored on its own.
+(lm-eval's `acc`). The cloze formulation (`cloze_request`) scores each option's text instead of its letter, and
+also ranks the options by log-likelihood per character of their text (lm-eval's `acc_norm`). When every option is
+one token after the same context, one forward pass over the context scores them all; otherwise each option is
+scored on its own.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def loglik_request(item: Item, kind: str) -> Request:
         header = f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
         return Request(f"{header}{item.question.strip()}\n{options}Answer:", letters)
     return Request(f"Question: {item.question}\n{options}Answer:", letters)
+
+
+def cloze_request(item: Item, kind: str) -> Request:
+    """The cloze formulation (OLMES; lm-eval's `mmlu_continuation` shape): no options shown, each option's text is
+    the continuation " {text}" of "Question: ...\nAnswer:". PubMedQA's labels are already scored this way."""
+    if kind == "pubmedqa":
+        return loglik_request(item, kind)
+    texts = {letter: f" {text}" for letter, text in item.options.items()}
+    if kind == "mmlu":
+        subject = item.subject.replace("_", " ")
+        header = f"The following are questions (with answers) about {subject}.\n\n" if subject else ""
+        return Request(f"{header}Question: {item.question.strip()}\nAnswer:", texts)
+    return Request(f"Question: {item.question}\nAnswer:", texts)
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -126,3 +141,16 @@ class LoglikScorer:
 def choose(scores: dict[str, float]) -> str:
     """The option with the highest log-likelihood; a tie goes to the first, as argmax does in lm-eval."""
     return max(scores, key=scores.__getitem__)
+
+
+def normalized(scores: dict[str, float], options: dict[str, str]) -> dict[str, float]:
+    """lm-eval's `acc_norm` scores: each option's log-likelihood divided by the length of its text (see
+    `option_length`); the argmax of these is the `acc_norm` prediction."""
+    return {letter: score / option_length(options[letter]) for letter, score in scores.items()}
+
+
+def option_length(text: str) -> int:
+    """The length lm-eval's `acc_norm` divides by: characters of the option text, without the " " delimiter
+    (lm-eval 0.4 `ConfigurableTask.process_results`: `len(choice)`; its `acc_bytes` would count UTF-8 bytes, the
+    same number for ASCII text)."""
+    return max(1, len(text))

@@ -1,9 +1,11 @@
 """Running a model over benchmark items and summarizing: one `Solver` per way of answering, per-item records.
 
 Solvers: `EngineSolver` (chain-of-thought generation one item at a time through an inference engine: the eval stage
-uses it for GGUF files), `BatchedSolver` (the same generation for HF models, batched on a GPU) and `LoglikSolver`
-(log-likelihood of the options, HF models only). Per-item results are appended to a JSONL file as they are produced;
-an interrupted evaluation resumes from it.
+uses it for GGUF files), `BatchedSolver` (the same generation for HF models, batched on a GPU), `LoglikSolver`
+(log-likelihood of the option letters, HF models only) and `ClozeSolver` (log-likelihood of the option texts).
+Per-item results are appended to a JSONL file as they are produced; an interrupted evaluation resumes from it.
+Every record says what was asked: its formulation, the item's id and the circular shift of its options (a shifted
+copy of an item has its own id, `medtune.evaluate.formulations.shifted`), the options as shown, and the gold letter.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from typing import Any, Protocol
 from medtune.answers import extract_letter
 from medtune.engines import Engine
 from medtune.evaluate.benchmarks import Item
+from medtune.evaluate.formulations import shift_of
 from medtune.evaluate.hf import BatchedGenerator
-from medtune.evaluate.loglik import LoglikScorer, choose, loglik_request
+from medtune.evaluate.loglik import LoglikScorer, choose, cloze_request, loglik_request, normalized
 from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.evaluate.stats import wilson_interval
 
 
 class Solver(Protocol):
-    mode: str  # "generate" or "loglik"
+    mode: str  # "generate", "loglik" or "cloze"
     batch_size: int  # items handed to `solve` at once
 
     def solve(self, items: list[Item]) -> list[dict[str, Any]]:
@@ -32,9 +35,16 @@ class Solver(Protocol):
         ...
 
 
+def asked(item: Item, formulation: str) -> dict[str, Any]:
+    """The fields every record starts with: what was asked and its key."""
+    item_id, shift = shift_of(item.id)
+    return {"id": item.id, "item_id": item_id, "shift": shift, "formulation": formulation, "options": item.options,
+            "gold": item.answer}
+
+
 def _generated(item: Item, prompt: str, result: dict[str, Any]) -> dict[str, Any]:
     letter = extract_letter(result["text"], item.options)
-    return {"id": item.id, "prompt": prompt, "output": result["text"], "extracted": letter, "gold": item.answer,
+    return {**asked(item, "generate"), "prompt": prompt, "output": result["text"], "extracted": letter,
             "correct": letter == item.answer, "finish_reason": result["finish_reason"],
             "completion_tokens": result["completion_tokens"]}
 
@@ -85,8 +95,31 @@ class LoglikSolver:
         records = []
         for item, request, scores in zip(items, requests, self.scorer.score(requests)):
             letter = choose(scores)
-            records.append({"id": item.id, "prompt": request.context, "output": request.continuations[letter],
-                            "extracted": letter, "gold": item.answer, "correct": letter == item.answer,
+            records.append({**asked(item, "loglik"), "prompt": request.context,
+                            "output": request.continuations[letter], "extracted": letter,
+                            "correct": letter == item.answer, "logprobs": {k: round(v, 6) for k, v in scores.items()}})
+        return records
+
+
+class ClozeSolver:
+    """The option whose text the model finds most likely after "Question: ...\nAnswer:" (no letters shown): by the
+    summed log-likelihood (`extracted`, lm-eval's `acc`) and per character of the text (`extracted_norm`,
+    `acc_norm`)."""
+
+    mode = "cloze"
+
+    def __init__(self, scorer: LoglikScorer, kind: str) -> None:
+        self.scorer, self.kind, self.batch_size = scorer, kind, scorer.batch_size
+
+    def solve(self, items: list[Item]) -> list[dict[str, Any]]:
+        requests = [cloze_request(item, self.kind) for item in items]
+        records = []
+        for item, request, scores in zip(items, requests, self.scorer.score(requests)):
+            letter, norm = choose(scores), choose(normalized(scores, item.options))
+            records.append({**asked(item, "cloze"), "prompt": request.context,
+                            "output": request.continuations[letter], "extracted": letter,
+                            "correct": letter == item.answer, "extracted_norm": norm,
+                            "correct_norm": norm == item.answer,
                             "logprobs": {k: round(v, 6) for k, v in scores.items()}})
         return records
 

@@ -4,7 +4,8 @@
 types need gguf/; `merged` needs merged/. Output folder `eval/` is what `suite.evaluate_models` writes; per-item
 results are cached in `<run>/eval_cache/`, so an interrupted evaluation resumes where it stopped. With mode
 generate, `eval.loglik_models` are also scored by the options' log-likelihood on the same items, reported the same
-way in `eval/loglik/`.
+way in `eval/loglik/`: by their letters (`eval.loglik_formulation: letters`) or by their texts (`cloze`, the
+formulation a small model can be measured in).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from medtune.artifacts import RunDir
 from medtune.config import Config
 from medtune.errors import MedtuneError
-from medtune.evaluate.suite import check_model, evaluate_models
+from medtune.evaluate.suite import SCORED, check_model, evaluate_models
 from medtune.gguf_types import NAMES, file_name
 from medtune.models import package_file, resolve_base
 from medtune.ui import UI
@@ -50,18 +51,20 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     if not cfg.eval.benchmarks:
         raise MedtuneError("eval.benchmarks is empty: list at least one {name, path} multiple-choice file")
-    loglik = cfg.eval.mode == "loglik"
-    models = {ref: model_path(ref, cfg, run_dir, hf=loglik) for ref in cfg.eval.models}
+    scoring = cfg.eval.mode in SCORED
+    models = {ref: model_path(ref, cfg, run_dir, hf=scoring) for ref in cfg.eval.models}
     for ref, path in models.items():
         check_model(ref, path, cfg.eval.mode, "eval.models")
     # the log-likelihood view beside generation: it does not depend on a model writing its answer in a findable form
-    scored = {} if loglik else {ref: model_path(ref, cfg, run_dir, hf=True) for ref in cfg.eval.loglik_models}
+    scored = {} if scoring else {ref: model_path(ref, cfg, run_dir, hf=True) for ref in cfg.eval.loglik_models}
+    view = "cloze" if cfg.eval.loglik_formulation == "cloze" else "loglik"
     for ref, path in scored.items():
-        check_model(ref, path, "loglik", "eval.loglik_models")
+        check_model(ref, path, view, "eval.loglik_models")
     summary = evaluate_models(models, cfg.eval, out, run_dir / "eval_cache", ui, seed=cfg.seed, n_ctx=cfg.chat.n_ctx,
                               prepared=run_dir / "prepared")
     if scored:
-        section = cfg.eval.model_copy(update={"mode": "loglik", "models": list(scored)})
+        section = cfg.eval.model_copy(update={"mode": view, "models": list(scored),
+                                              "circular": cfg.eval.circular and view == "loglik"})
         summary["loglik"] = evaluate_models(scored, section, out / "loglik", run_dir / "eval_cache", ui, seed=cfg.seed,
                                             n_ctx=cfg.chat.n_ctx, prepared=run_dir / "prepared")
     return summary

@@ -65,8 +65,9 @@ def resolve_model(ref: str) -> Path:
 
 
 def run(models: list[str], benchmarks: list[str], out: Path, ui: UI, *, mode: str = DEFAULTS.mode,
-        limit: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
-        seed: int = Config.model_fields["seed"].default, n_ctx: int = N_CTX) -> dict[str, Any]:
+        circular: bool = DEFAULTS.circular, limit: int | None = None, max_new_tokens: int | None = None,
+        batch_size: int | None = None, seed: int = Config.model_fields["seed"].default,
+        n_ctx: int = N_CTX) -> dict[str, Any]:
     """Evaluate `models` (labels as given) on `benchmarks` (KIND:FILE) into `out`; returns the summary."""
     if not models:
         raise MedtuneError("give at least one --model (a .gguf file, a model directory or a hub id)")
@@ -74,9 +75,13 @@ def run(models: list[str], benchmarks: list[str], out: Path, ui: UI, *, mode: st
         raise MedtuneError("give at least one --benchmark KIND:FILE, e.g. --benchmark medqa:test.jsonl")
     if len(set(models)) < len(models):
         raise MedtuneError(f"--model {max(models, key=models.count)} is given twice")
+    if circular and mode == "cloze":
+        raise MedtuneError("--circular applies to --mode generate or loglik: --mode cloze shows no option letters, "
+                           "so their order cannot favour one; leave --circular out")
     try:
-        section = EvalConfig(benchmarks=parse_benchmarks(benchmarks), models=models, mode=mode, limit=limit,
-                             max_new_tokens=max_new_tokens or DEFAULTS.max_new_tokens, batch_size=batch_size)
+        section = EvalConfig(benchmarks=parse_benchmarks(benchmarks), models=models, mode=mode, circular=circular,
+                             limit=limit, max_new_tokens=max_new_tokens or DEFAULTS.max_new_tokens,
+                             batch_size=batch_size)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise MedtuneError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None

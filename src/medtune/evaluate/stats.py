@@ -1,4 +1,5 @@
-"""Statistics for accuracy on benchmark items: Wilson intervals and McNemar's exact test for paired models.
+"""Statistics for accuracy on benchmark items: Wilson intervals, McNemar's exact test for paired models, and the
+answer-distribution measures (answer shares, RStd, macro-F1).
 
 A leaf module (standard library only), so reports and quality studies can import it without loading a model.
 """
@@ -6,7 +7,8 @@ A leaf module (standard library only), so reports and quality studies can import
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,3 +76,34 @@ def paired_comparison(reference: Mapping[str, bool], other: Mapping[str, bool], 
     return Paired(n=n, reference_correct=ref_correct, correct=this_correct, only_reference=b, only_this=c,
                   difference=(this_correct - ref_correct) / n if n else 0.0, p_value=p, significant=p < alpha,
                   can_be_significant=smallest_p(b + c) < alpha)
+
+
+def answer_shares(answers: Sequence[str | None], classes: Sequence[str], none: bool = True) -> dict[str, float]:
+    """The share of each class among `answers` (every class listed, in order), plus "none" for no answer."""
+    counts = Counter(answers)
+    keys = list(dict.fromkeys(classes))
+    shares = {key: round(counts[key] / len(answers), 4) if answers else 0.0 for key in keys}
+    if none:
+        shares["none"] = round(counts[None] / len(answers), 4) if answers else 0.0
+    return shares
+
+
+def rstd(golds: Sequence[str], answers: Sequence[str | None]) -> float:
+    """RStd: the population standard deviation of the per-class recall over the classes among `golds`, in points
+    (0 when every class is recalled equally often; large when a model favours some answers)."""
+    recalls = [sum(a == cls for g, a in zip(golds, answers) if g == cls) / n for cls, n in Counter(golds).items()]
+    if not recalls:
+        return 0.0
+    mean = sum(recalls) / len(recalls)
+    return 100 * math.sqrt(sum((r - mean) ** 2 for r in recalls) / len(recalls))
+
+
+def macro_f1(golds: Sequence[str], answers: Sequence[str | None]) -> float:
+    """The mean F1 over the classes found among the keys or the answers (no answer counts as wrong)."""
+    classes = sorted(set(golds) | {a for a in answers if a is not None})
+    scores = []
+    for cls in classes:
+        hit = sum(g == cls and a == cls for g, a in zip(golds, answers))
+        wrong = sum(a == cls for a in answers) - hit + sum(g == cls for g in golds) - hit
+        scores.append(2 * hit / (2 * hit + wrong) if hit + wrong else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
