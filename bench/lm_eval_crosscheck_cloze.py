@@ -25,10 +25,11 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lm_eval_crosscheck import MEDQA, ROOT, SMOLLM2, TASK_DIR, env_versions, lm_eval_command, run_lm_eval
@@ -91,6 +92,15 @@ def compare(ours: dict[str, dict[str, object]], theirs: dict[str, dict[str, obje
             "lm_eval_self_consistent": consistent == n}
 
 
+def medtune_version() -> str:
+    """The installed medtune's version, or the source tree's commit when it runs from `src/` (PYTHONPATH)."""
+    try:
+        return version("medtune")
+    except PackageNotFoundError:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return f"source tree {commit.stdout.strip()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="the first N questions of the file (default 200)")
@@ -129,7 +139,8 @@ def main() -> None:
         "medtune_command": f"python bench/lm_eval_crosscheck_cloze.py --limit {args.limit} "
                            f"--batch-size {args.batch_size}",
         "seconds": {"medtune": round(medtune_s, 1), "lm_eval": round(lm_eval_s, 1)},
-        "versions": {"medtune_env": {p: version(p) for p in ("medtune", "torch", "transformers")},
+        "versions": {"medtune_env": {"python": sys.executable, "medtune": medtune_version(),
+                                     **{p: version(p) for p in ("torch", "transformers")}},
                      "lm_eval_env": env_versions(str(Path(args.lm_eval).with_name("python")))},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
