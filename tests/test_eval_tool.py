@@ -56,15 +56,16 @@ def test_eval_without_a_config_compares_models_and_resumes(tiny_base, other_tiny
             "--mode", "loglik", "--limit", "24", "--out", str(out)]
     first = medtune(*args)
     assert first.returncode == 0, first.stderr
-    assert f"eval {other_tiny} medqa: 24/24 (100%)" in first.stdout  # not a terminal: plain progress lines
+    # not a terminal: plain progress lines; 24 items and PriDe's calibration item (5% of 24) under its 3 other shifts
+    assert f"eval {other_tiny} medqa: 27/27 (100%)" in first.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["models"]) == [str(tiny_base), str(other_tiny)] and summary["mode"] == "loglik"
     assert all(per_model["medqa"]["n"] == 24 for per_model in summary["models"].values())
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the paired test, recounted from the per-item files
-    ref, other = ({r["id"]: r["correct"] for r in read_jsonl(out / folder_name(str(model)) / "medqa.jsonl")}
-                  for model in (tiny_base, other_tiny))
+    ref, other = ({r["id"]: r["correct"] for r in read_jsonl(out / folder_name(str(model)) / "medqa.jsonl")
+                   if r["shift"] == 0} for model in (tiny_base, other_tiny))
     assert ref.keys() == other.keys() and len(ref) == 24
     b = sum(ref[i] and not other[i] for i in ref)
     c = sum(other[i] and not ref[i] for i in ref)
@@ -82,7 +83,7 @@ def test_eval_without_a_config_compares_models_and_resumes(tiny_base, other_tiny
     sizes = [len(p.read_text().splitlines()) for p in cached]
     again = medtune(*args)
     assert again.returncode == 0, again.stderr
-    assert [len(p.read_text().splitlines()) for p in cached] == sizes == [24, 24]
+    assert [len(p.read_text().splitlines()) for p in cached] == sizes == [27, 27]
     resumed = json.loads((out / "summary.json").read_text())
     assert all(per_model["medqa"]["items_per_s"] is None for per_model in resumed["models"].values())
     assert resumed["paired"] == summary["paired"]
@@ -148,7 +149,8 @@ def test_eval_stage_adds_the_loglik_view_of_loglik_models(tiny_config, tmp_path)
     assert summary["mode"] == "generate" and summary["loglik"]["mode"] == "loglik"
     scored = json.loads((out / "loglik" / "summary.json").read_text())
     assert scored["models"]["base"]["bench"]["n"] == 2 and scored["models"]["base"]["bench"]["extraction_failures"] == 0
-    assert {r["id"] for r in read_jsonl(out / "loglik" / "base" / "bench.jsonl")} == \
+    # the same items (the PriDe calibration item is also asked under its other shifts, as `<id>#shift<k>`)
+    assert {r["item_id"] for r in read_jsonl(out / "loglik" / "base" / "bench.jsonl")} == \
         {r["id"] for r in read_jsonl(out / "base" / "bench.jsonl")}
     assert "log-likelihood" in (out / "loglik" / "results.md").read_text()
 
