@@ -318,7 +318,8 @@ def eval_command(
     """Evaluate models on multiple-choice benchmarks: a run config's models, or any models with --model.
 
     Writes results.md (accuracy with 95% intervals; with several models, each one's paired difference from the first
-    and McNemar's exact test), summary.json, accuracy.png and per-item JSONL files.
+    and McNemar's exact test; per benchmark the score of always giving the most common answer, per model its answer
+    shares and RStd), summary.json, accuracy.png and per-item JSONL files.
     """
     if config is not None:
         if model or benchmark:

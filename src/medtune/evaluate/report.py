@@ -214,7 +214,7 @@ def _accuracy_axis(ax: Any, summary: dict[str, Any], benches: list[str]) -> None
     ax.set_xticks(range(len(benches)), benches)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (95% Wilson interval);\nat the foot of each bar: RStd")
-    ax.legend(fontsize="x-small", ncols=min(3, len(series) + 1))
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
 
 
 def _shares_axis(ax: Any, summary: dict[str, Any], benches: list[str]) -> None:
@@ -237,7 +237,7 @@ def _shares_axis(ax: Any, summary: dict[str, Any], benches: list[str]) -> None:
     ax.set_xticks(range(len(stacks)), labels, fontsize="x-small", rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of answers")
-    ax.legend(fontsize="x-small", ncols=min(6, len(names)), loc="upper right")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def accuracy_chart(summary: dict[str, Any], path: Path) -> None:
