@@ -62,6 +62,8 @@ LINE_START = re.compile(r"(?m)^[ \t>#*\-•]*\(?([A-J])(?:\)|\.|:)(?=[\s*]|$)")
 ALONE_LINE = re.compile(r"(?m)^[\W_]*\(?([A-J])\)?[\W_]*$")
 VERDICT = re.compile(r"\b([A-J])\)?\s+(?:is|was|seems|would\s+be|could\s+be|remains)\s+(?:not\s+|also\s+|therefore\s+)?"
                      r"(?:the\s+)?(?:correct|incorrect|right|wrong|best|answer|true|false|unlikely|likely|less|more)\b")
+# "it is B.", "I would choose C,": a letter closing a clause after a verb
+CLOSING = re.compile(r"\b(?:is|be|was|choose|chose|select|selected|pick|picked|with)\s+\(?([A-J])\)?(?=[.,;:!?)]*(?:\s|$))")
 
 # An option made of other options' letters: "A and B", "(a) & (c)", "B, C".
 LETTERS_ONLY = re.compile(r"(?i)^\W*\(?[a-j]\)?\s*(?:,|&|/|\s(?:and|or)\s)\s*\(?[a-j]\)?(?:\W|$)")
@@ -166,7 +168,7 @@ def _reference_spans(text: str, options: dict[str, str]) -> tuple[dict[int, str]
         for match in pattern.finditer(text):
             group = next(g for g in range(1, pattern.groups + 1) if match.group(g))
             strong[match.start(group)] = match.group(group)
-    weak = {match.start(1): match.group(1) for match in VERDICT.finditer(text)}
+    weak = {match.start(1): match.group(1) for pattern in (VERDICT, CLOSING) for match in pattern.finditer(text)}
     for match in re.finditer(r"\(([A-J])\)", text):  # "(B)" beside option B's own text: "Basophilia (B)"
         option = options.get(match.group(1), "").lower()
         before = text[max(0, match.start() - len(option) - 3): match.start()].lower().rstrip(" *:")
@@ -300,6 +302,11 @@ class LetterStats:
     not_multiple_choice: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
+    @staticmethod
+    def multiple_choice_reason(reason: str) -> bool:
+        """Whether a record refused for `reason` is multiple choice all the same (kept as it is, not skipped)."""
+        return reason not in (NO_OPTIONS, NO_ANSWER, LABELS, NOT_ONE_TURN)
+
     def add(self, letters: str, gold: str, target: str) -> None:
         self.before[gold] += 1
         self.after[target] += 1
@@ -354,7 +361,7 @@ def balance_one(user: str, reply: str, balancer: Balancer | None, stats: LetterS
     try:
         question = read(user, reply)
     except Unbalanceable as no:
-        if no.reason in (NO_OPTIONS, NO_ANSWER, LABELS):
+        if not stats.multiple_choice_reason(no.reason):
             stats.note(stats.not_multiple_choice, no.reason, where, no.detail)
         else:  # multiple choice, but not re-letterable: counted at its own gold letter
             stats.multiple_choice += 1
