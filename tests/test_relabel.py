@@ -78,7 +78,7 @@ def test_references_to_any_swapped_letter_are_rewritten_and_words_are_not():
         "The answer is B."))
     question = R.read(user, reply)
     assert question.gold == "B" and question.movable == frozenset("ABCD")
-    new_user, new_reply = R.relabel(question, reply, "D")
+    new_user, new_reply = R.relabel(question, "D")
     assert option_lines(new_user) == {"A": "Aspirin", "B": "Insulin", "C": "Warfarin", "D": "Heparin"}
     assert new_reply == (
         "A patient with hepatitis B and low vitamin D may still get option D. Option B (Insulin) is wrong, and "

@@ -48,22 +48,45 @@ ABOVE = re.compile(r"(?i)\b(?:(?:all|none|both|neither|either|any)\s+of\s+the(?:
                    r"|of\s+these|both\s+\(?[a-j]\)?\s+(?:and|&)\s+\(?[a-j]\)?)\b")
 
 # A standalone letter: no letter, digit or joining mark touches it ("B12", "C3", "°C", "A.D." and "e.g." are no letters).
-LETTER = re.compile(r"(?<![A-Za-z0-9_°\-/])(?<![A-Za-z]['’])([A-Ja-j])(?![A-Za-z0-9_]|[.\-/][A-Za-z0-9])")
+# Only such letters are looked at, each in its own neighbourhood (a few regex matches anchored at it), so a long
+# reasoning costs one scan for its capitals A-J and its rare lowercase b-j.
+_ALONE_AFTER = r"(?![A-Za-z0-9_]|[.\-/][A-Za-z0-9])"
+
+
+def _alone(letters: str) -> re.Pattern:
+    # the letter first and the look-behinds after it, so that the engine scans for the letter class alone
+    return re.compile(rf"([{letters}])(?<![A-Za-z0-9_°\-/][{letters}])(?<![A-Za-z]['’][{letters}]){_ALONE_AFTER}")
+
+
+LETTER = _alone("A-Ja-j")
+CAPITAL = _alone("A-J")
+SMALL = _alone("a-j")  # "a" counts only where it can't be the article: "(a)", "'a'", "a)", "Ans: a."
+SMALL_A = re.compile(r"[.:,;)\]\"'‘’“”`]|\s*$|\s*\n")
+OPENERS, CLOSERS = "([\"'‘’“”`", ")]\"'‘’“”`"
+WINDOW = 80  # characters looked at before a letter for the pattern that ends at it
 _Q = "[\"'‘’“”`]"
 _ITEM = rf"(?:\*\*)?(?:\(|\[|{_Q})?[A-Ja-j](?![A-Za-z0-9])(?:\)|\]|{_Q})?(?:\*\*)?"
+# Strong references, as (pattern ending just before the letter, pattern starting just after it):
 # "option B", "options B and C", "Ans: b", "answer is (C)", "correct answer would be D", "Final answer: **B**"
 KEYWORD = re.compile(
     r"(?i)\b(?:options?|choices?|answers?|ans|alternatives?)\b\W{0,4}?"
     r"(?:(?:is|are|was|were|would\s+be|will\s+be|should\s+be|must\s+be|seems\s+to\s+be|here\s+is|then\s+is|=)\s*)?"
-    rf"[\s.:\-–—=]*({_ITEM}(?:\s*(?:,\s*(?:and|or)?|and|or|/|&)\s*{_ITEM})*)")
-BOXED = re.compile(r"\\boxed\{\s*\(?([A-J])\)?\s*\}")
-BOLD = re.compile(r"\*\*\s*\(?([A-J])\)?[.):]?\s*\*\*|\*\*\(?([A-J])[.):]")
-LINE_START = re.compile(r"(?m)^[ \t>#*\-•]*\(?([A-J])(?:\)|\.|:)(?=[\s*]|$)")
-ALONE_LINE = re.compile(r"(?m)^[\W_]*\(?([A-J])\)?[\W_]*$")
-VERDICT = re.compile(r"\b([A-J])\)?\s+(?:is|was|seems|would\s+be|could\s+be|remains)\s+(?:not\s+|also\s+|therefore\s+)?"
-                     r"(?:the\s+)?(?:correct|incorrect|right|wrong|best|answer|true|false|unlikely|likely|less|more)\b")
-# "it is B.", "I would choose C,": a letter closing a clause after a verb
-CLOSING = re.compile(r"\b(?:is|be|was|choose|chose|select|selected|pick|picked|with)\s+\(?([A-J])\)?(?=[.,;:!?)]*(?:\s|$))")
+    rf"[\s.:\-–—=]*(?:{_ITEM}\s*(?:,\s*(?:and|or)?|and|or|/|&)\s*)*(?:\*\*)?[(\[\"'‘’“”`]?$")
+KEYWORDS = ("option", "choice", "ans", "alternative")  # a cheap test before KEYWORD
+STRONG = (
+    (re.compile(r"\\boxed\{\s*\(?$"), re.compile(r"\)?\s*\}")),  # \boxed{B}
+    (re.compile(r"\*\*\s*\(?$"), re.compile(r"\)?(?:[.):]|\s*\*\*)")),  # **B**, **B.** ..., **(B) ...**
+    (re.compile(r"(?:^|\n)[ \t>#*\-•]*\(?$"), re.compile(r"(?:\)|\.|:)(?=[\s*]|$)(?!\. [a-z])")),  # a line "B. ..."
+    (re.compile(r"(?:^|\n)[^\w\n]*\(?$"), re.compile(r"\)?[^\w\n]*(?:\n|$)")),  # a line that is only the letter
+)
+# Weak references, which give way to a reading as a word ("hepatitis B is the most common"):
+WEAK = (
+    (None, re.compile(r"\)?\s+(?:is|was|seems|would\s+be|could\s+be|remains)\s+(?:not\s+|also\s+|therefore\s+)?"
+                      r"(?:the\s+)?(?:correct|incorrect|right|wrong|best|answer|true|false|unlikely|likely|less|more)\b")),
+    # "it is B.", "I would choose C,": a letter closing a clause after a verb
+    (re.compile(r"\b(?:is|be|was|choose|chose|select|selected|pick|picked|with)\s+\(?$"),
+     re.compile(r"\)?[.,;:!?)]*(?:\s|$)")),
+)
 
 # An option made of other options' letters: "A and B", "(a) & (c)", "B, C".
 LETTERS_ONLY = re.compile(r"(?i)^\W*\(?[a-j]\)?\s*(?:,|&|/|\s(?:and|or)\s)\s*\(?[a-j]\)?(?:\W|$)")
@@ -79,7 +102,6 @@ AFTER = re.compile(r"\s*(?:cells?|lymphocytes?|fib(?:er|re)s?|vitamins?|waves?|a
 # After "A", words that make it a letter ("A is", "A and B"), not the article ("A patient", "A 45-year-old").
 NOT_ARTICLE = frozenset("is was are were and or nor but would could should might may can cannot does doesn't isn't "
                         "wasn't also vs versus as seems remains".split())
-ENCLOSING = "([\"'‘’“”`)]"
 
 
 class Unbalanceable(Exception):
@@ -101,6 +123,8 @@ class Question:
     gold: str
     movable: frozenset[str]  # letters whose every standalone occurrence is a reference or a word
     why_not: dict[str, tuple[str, str]]  # letter -> (reason, detail) for the others
+    texts: tuple[str, str, str]  # the user text before the options, after them, and the reply
+    refs: tuple[dict[int, str], ...]  # the references found in each of `texts` (position -> letter)
 
     @property
     def letters(self) -> str:
@@ -137,47 +161,49 @@ def read(user: str, reply: str) -> Question:
     if refer is not None:
         raise Unbalanceable(OPTIONS_REFER, refer[:60])
     why_not: dict[str, tuple[str, str]] = {}
-    before, after = _segments(lines, block)
-    for text, is_reply in ((before, False), (after, False), (reply, True)):
+    texts = (*_segments(lines, block), reply)
+    found = []
+    for text in texts:
         refs, problems = _classify(text, options)
-        foreign = sorted({letter.upper() for letter in refs.values()} - set(options))
-        if foreign and is_reply:
-            raise Unbalanceable(FOREIGN_LETTER, ", ".join(foreign))
+        found.append(refs)
         for letter, detail in problems.items():
             why_not.setdefault(letter, (BARE_LETTER, f"{letter}: {detail}"))
+    # "I" past the options is the pronoun or a roman numeral ("I. Background") far more often than an option
+    foreign = sorted({letter.upper() for letter in found[-1].values()} - set(options) - {"I"})
+    if foreign:
+        raise Unbalanceable(FOREIGN_LETTER, ", ".join(foreign))
     movable = frozenset(letter for letter in options if letter not in why_not)
-    return Question(tuple(lines), block, options, gold, movable, why_not)
+    return Question(tuple(lines), block, options, gold, movable, why_not, texts, tuple(found))
 
 
-def _reference_spans(text: str, options: dict[str, str]) -> tuple[dict[int, str], dict[int, str]]:
-    """(strong, weak): position -> letter of each standalone letter that a pattern marks as an option reference.
-    Strong patterns name the letter as an option whatever its neighbours; weak ones ("B is correct", "(B)" beside
-    option B's text) give way to a reading as a word ("hepatitis B is the most common")."""
-    standalone = {m.start(1) for m in LETTER.finditer(text)}
-    strong: dict[int, str] = {}
-    for match in KEYWORD.finditer(text):
-        for letter in LETTER.finditer(match.group(1)):
-            at = match.start(1) + letter.start()
-            nxt = text[at + 1: at + 2]
-            if text[at] == "a" and text[at - 1: at] not in ENCLOSING and nxt not in ENCLOSING + ".:,;" and nxt != "":
-                continue  # "the answer is a bit longer": the article
-            if text[at] == "I" and re.match(r"['’]| +[a-z]", text[at + 1: at + 3]):
-                continue  # "Answer: I think": the pronoun
-            strong[at] = text[at]
-    for pattern in (BOXED, BOLD, LINE_START, ALONE_LINE):
-        for match in pattern.finditer(text):
-            group = next(g for g in range(1, pattern.groups + 1) if match.group(g))
-            strong[match.start(group)] = match.group(group)
-    weak = {match.start(1): match.group(1) for pattern in (VERDICT, CLOSING) for match in pattern.finditer(text)}
-    for match in re.finditer(r"\(([A-J])\)", text):  # "(B)" beside option B's own text: "Basophilia (B)"
-        option = options.get(match.group(1), "").lower()
-        before = text[max(0, match.start() - len(option) - 3): match.start()].lower().rstrip(" *:")
-        after = text[match.end(): match.end() + len(option) + 3].lower().lstrip(" *:")
-        if option and (before.endswith(option) or after.startswith(option)
-                       or after.startswith(option.split()[0] + " ")):
-            weak[match.start(1)] = match.group(1)
-    return ({at: x for at, x in strong.items() if at in standalone},
-            {at: x for at, x in weak.items() if at in standalone})
+def _matches(before: re.Pattern | None, after: re.Pattern, text: str, at: int) -> bool:
+    return (before is None or before.search(text, max(0, at - WINDOW), at) is not None) and \
+        after.match(text, at + 1) is not None
+
+
+def _keyword_before(text: str, at: int) -> bool:
+    window = text[max(0, at - WINDOW): at].lower()
+    return any(word in window for word in KEYWORDS) and KEYWORD.search(text, max(0, at - WINDOW), at) is not None
+
+
+def _is_strong(text: str, at: int) -> bool:
+    """Whether the letter at `at` is named as an option whatever its neighbours."""
+    if _keyword_before(text, at):
+        return not (text[at] == "I" and re.match(r"['’]| +[a-z]", text[at + 1: at + 3]))  # "Answer: I think"
+    return text[at].isupper() and any(_matches(before, after, text, at) for before, after in STRONG)
+
+
+def _is_weak(text: str, at: int, options: dict[str, str]) -> bool:
+    """Whether the capital at `at` reads as an option where it does not read as a word: "B is correct", "it is B.",
+    "(B)" beside option B's own text ("Basophilia (B)")."""
+    if any(_matches(before, after, text, at) for before, after in WEAK):
+        return True
+    option = options.get(text[at], "").lower()
+    if not option or text[at - 1: at] != "(" or text[at + 1: at + 2] != ")":
+        return False
+    before = text[max(0, at - len(option) - 4): at - 1].lower().rstrip(" *:")
+    after = text[at + 2: at + len(option) + 4].lower().lstrip(" *:")
+    return before.endswith(option) or after.startswith(option) or after.startswith(option.split()[0] + " ")
 
 
 def _is_word(text: str, at: int) -> bool:
@@ -201,25 +227,30 @@ def _is_word(text: str, at: int) -> bool:
 def _classify(text: str, options: dict[str, str]) -> tuple[dict[int, str], dict[str, str]]:
     """(position -> letter of each reference, letter -> context of an occurrence that is neither reference nor word).
 
-    Lowercase letters count only inside a reference pattern ("Ans: b"), or enclosed ("(b)", "b)", "'c'"), which
-    could be a sub-list or an option and so counts as neither; other lowercase letters are words ("a")."""
-    strong, weak = _reference_spans(text, options)
-    refs = dict(strong)
+    References to letters that are not options are kept (the reply's are a reason to keep a record). Lowercase
+    letters count only inside a keyword reference ("Ans: b"), or enclosed ("(b)", "b)", "'c'"), which could be a
+    sub-list or an option and so counts as neither; other lowercase letters are words."""
+    refs: dict[int, str] = {}
     problems: dict[str, str] = {}
-    for match in LETTER.finditer(text):
+    for match in CAPITAL.finditer(text):
         at, letter = match.start(1), match.group(1)
-        if at in strong or letter.upper() not in options:
-            continue
-        if letter.islower():
-            if text[at - 1: at] in ENCLOSING or text[at + 1: at + 2] in ENCLOSING:
-                problems.setdefault(letter.upper(), text[max(0, at - 25): at + 25].replace("\n", " "))
-            continue
-        if _is_word(text, at):
-            continue
-        if at in weak:
+        if _is_strong(text, at):
             refs[at] = letter
+        elif letter not in options or _is_word(text, at):
             continue
-        problems.setdefault(letter, text[max(0, at - 25): at + 25].replace("\n", " "))
+        elif _is_weak(text, at, options):
+            refs[at] = letter
+        else:
+            problems.setdefault(letter, text[max(0, at - 25): at + 25].replace("\n", " "))
+    for match in SMALL.finditer(text):
+        at = match.start(1)
+        if text[at] == "a" and text[at - 1: at] not in OPENERS and not SMALL_A.match(text, at + 1):
+            continue
+        if _keyword_before(text, at):
+            refs[at] = text[at]
+        elif text[at - 1: at] in OPENERS and at or text[at + 1: at + 2] in CLOSERS and text[at + 1: at + 2]:
+            if text[at].upper() in options:
+                problems.setdefault(text[at].upper(), text[max(0, at - 25): at + 25].replace("\n", " "))
     return refs, problems
 
 
@@ -240,7 +271,7 @@ def swap(question: Question, target: str) -> dict[str, str]:
     return mapping
 
 
-def relabel(question: Question, reply: str, target: str) -> tuple[str, str]:
+def relabel(question: Question, target: str) -> tuple[str, str]:
     """The user turn and reply with the gold option at `target`: option lines permuted, references rewritten."""
     for letter in (question.gold, target):
         if letter not in question.movable:
@@ -251,14 +282,11 @@ def relabel(question: Question, reply: str, target: str) -> tuple[str, str]:
     for i in question.block:
         head = OPTION_LINE.match(lines[i])
         lines[i] = f"{head.group(1)}{head.group(2)}{head.group(3)}{texts[head.group(2)]}"
-
-    def moved(text: str) -> str:
-        return _rewrite(text, _classify(text, question.options)[0], mapping)
-
-    before, after = _segments(list(question.lines), question.block)
-    new = [*([moved(before)] if question.block.start else []), *lines[question.block.start: question.block.stop],
-           *([moved(after)] if question.block.stop < len(lines) else [])]
-    return "\n".join(new), moved(reply)
+    before, after, reply = (_rewrite(text, refs, mapping) for text, refs in zip(question.texts, question.refs))
+    block = question.block
+    new = [*([before] if block.start else []), *lines[block.start: block.stop], *([after] if block.stop < len(lines)
+                                                                                  else [])]
+    return "\n".join(new), reply
 
 
 def shares(counts: Counter) -> dict[str, float]:
@@ -389,7 +417,7 @@ def balance_one(user: str, reply: str, balancer: Balancer | None, stats: LetterS
         stats.in_place += 1
         return user, reply
     stats.relettered += 1
-    return relabel(question, reply, target)
+    return relabel(question, target)
 
 
 def _gold(user: str, reply: str) -> tuple[str, str] | None:
