@@ -3,8 +3,9 @@ gold-letter shares before and after, through the data stage's own reader and `me
 
   python bench/letter_balance.py [--seed 42] [--examples 6] [--out bench/results/letter_balance.json]
 
-Reads the files of ../shared/data named in FILES (and the repo's demo sample); writes the JSON with, per file, the
-data report's `letters` section and a few re-lettered records (before/after) to read by hand.
+Reads the files of ../shared/data named in FILES, the repo's demo sample and the quality study's training file
+(built by `bench/quality_study.py`'s data phase into a temporary folder); writes the JSON with, per file, the data
+report's `letters` section and a few re-lettered records (before/after) to read by hand.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "letter_balance.json")
     args = parser.parse_args()
     results = {name: measure(path, args.seed, args.examples) for name, path in FILES.items()}
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality_study import build_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_data(SHARED, Path(tmp))
+        results["quality_study_train"] = measure(Path(tmp) / "train.jsonl", args.seed, args.examples)
+        results["quality_study_train"]["path"] = "runs/study/data/train.jsonl (bench/quality_study.py data)"
     for name, r in results.items():
         letters = r["letters"]
         print(f"{name}: {r['conversations']} conversations, {letters['multiple_choice']} multiple choice: "

@@ -121,6 +121,18 @@ def test_an_unclear_other_letter_only_narrows_the_choice():
     assert golds == {"A", "B", "D"}
 
 
+def test_all_of_the_above_stays_last_and_the_options_above_it_may_swap():
+    options = {**OPTIONS4, "D": "All of the above"}
+    user, reply = mc("Which drug?", options, "Option B works.\nThe answer is B.")
+    assert R.read(user, reply).movable == frozenset("ABC")
+    golds = set()
+    for seed in range(20):
+        new_user, new_reply = R.balance_one(user, reply, R.Balancer(seed), R.LetterStats(), "r")
+        assert option_lines(new_user)["D"] == "All of the above"
+        golds.add(R.read(new_user, new_reply).gold)
+    assert golds == {"A", "B", "C"}
+
+
 @pytest.mark.parametrize("user, reply, reason", [
     (mc("Is it?", {"A": "yes", "B": "no", "C": "maybe"}, "The answer is A.")[0], "The answer is A.", R.LABELS),
     ("What causes scurvy?", "Vitamin C deficiency.", R.NO_OPTIONS),
@@ -148,12 +160,12 @@ def test_messages_of_more_than_one_exchange_are_left_alone():
 
 
 def test_report_shares_before_and_after():
-    records = synthetic(n4=40, n5=0) + [mc("Which?", {**OPTIONS4, "D": "None of the above"}, "The answer is A.")]
+    records = synthetic(n4=40, n5=0) + [mc("Which?", {**OPTIONS4, "D": "None of the above"}, "The answer is D.")]
     _, stats = balance(records, seed=1)
     report = stats.report(True)
-    assert report["gold_counts_before"] == {"A": 29, "B": 12}
-    assert report["gold_shares_before"] == {"A": round(29 / 41, 4), "B": round(12 / 41, 4)}
-    # the kept record counts at its own A, so the other 40 make up for it: A 10, B 11, C 10, D 10
+    assert report["gold_counts_before"] == {"A": 28, "B": 12, "D": 1}
+    assert report["gold_shares_before"] == {"A": round(28 / 41, 4), "B": round(12 / 41, 4), "D": round(1 / 41, 4)}
+    # the kept record counts at its own D: A 10, B 10, C 10, D 11
     assert sorted(report["gold_counts_after"].values()) == [10, 10, 10, 11]
     assert report["gold_shares_after"]["A"] == round(report["gold_counts_after"]["A"] / 41, 4)
     assert (report["multiple_choice"], report["kept_as_is"], report["kept_by_reason"]) == \
@@ -163,5 +175,6 @@ def test_report_shares_before_and_after():
     off = R.LetterStats()
     for i, (user, reply) in enumerate(records):
         assert R.balance_one(user, reply, None, off, f"r{i}") == (user, reply)
-    assert off.report(False)["gold_counts_after"] == off.report(False)["gold_counts_before"] == {"A": 29, "B": 12}
+    assert off.report(False)["gold_counts_after"] == off.report(False)["gold_counts_before"] == \
+        {"A": 28, "B": 12, "D": 1}
     assert off.report(False)["relettered"] == 0 and off.report(False)["kept_as_is"] == 0

@@ -44,8 +44,12 @@ BARE_LETTER = "a letter that may be a word or a reference"
 
 OPTION_LINE = re.compile(r"^(\s*\(?)([A-J])([.):]\s+)(\S.*)$")
 LABEL_TEXTS = {"yes", "no", "maybe"}
+# "All of the above", "None of these": refers to the options listed before it, so it and those after it stay put
 ABOVE = re.compile(r"(?i)\b(?:(?:all|none|both|neither|either|any)\s+of\s+the(?:se|m|\s+above|\s+following)|the\s+above"
-                   r"|of\s+these|both\s+\(?[a-j]\)?\s+(?:and|&)\s+\(?[a-j]\)?)\b")
+                   r"|of\s+these)\b")
+# "Both A and B", "A and C", "(a) & (c)", "B, C": names other options by letter, so no option may move
+BY_LETTER = re.compile(r"(?i)\bboth\s+\(?[a-j]\)?\s+(?:and|&)\s+\(?[a-j]\)?\b"
+                       r"|^\W*\(?[a-j]\)?\s*(?:,|&|/|\s(?:and|or)\s)\s*\(?[a-j]\)?(?:\W|$)")
 
 # A standalone letter: no letter, digit or joining mark touches it ("B12", "C3", "°C", "A.D." and "e.g." are no letters).
 # Only such letters are looked at, each in its own neighbourhood (a few regex matches anchored at it), so a long
@@ -87,9 +91,6 @@ WEAK = (
     (re.compile(r"\b(?:is|be|was|choose|chose|select|selected|pick|picked|with)\s+\(?$"),
      re.compile(r"\)?[.,;:!?)]*(?:\s|$)")),
 )
-
-# An option made of other options' letters: "A and B", "(a) & (c)", "B, C".
-LETTERS_ONLY = re.compile(r"(?i)^\W*\(?[a-j]\)?\s*(?:,|&|/|\s(?:and|or)\s)\s*\(?[a-j]\)?(?:\W|$)")
 
 # Words that name a letter as a thing, not an option: "vitamin C", "type A", "B cells", "anti-B".
 BEFORE = frozenset("""vitamin vitamins vit hepatitis hep type types group groups class classes grade stage factor
@@ -157,10 +158,14 @@ def read(user: str, reply: str) -> Question:
     gold = extract_letter(reply, options)
     if gold is None:
         raise Unbalanceable(NO_ANSWER)
-    refer = next((text for text in options.values() if ABOVE.search(text) or LETTERS_ONLY.match(text)), None)
+    refer = next((text for text in options.values() if BY_LETTER.search(text)), None)
     if refer is not None:
         raise Unbalanceable(OPTIONS_REFER, refer[:60])
     why_not: dict[str, tuple[str, str]] = {}
+    above = next((i for i, text in enumerate(options.values()) if ABOVE.search(text)), None)
+    if above is not None:  # the options above it may still swap among themselves
+        for letter in list(options)[above:]:
+            why_not[letter] = (OPTIONS_REFER, list(options.values())[above][:60])
     texts = (*_segments(lines, block), reply)
     found = []
     for text in texts:
