@@ -88,6 +88,16 @@ def test_references_to_any_swapped_letter_are_rewritten_and_words_are_not():
     assert R.read(new_user, new_reply).gold == "D"
 
 
+def test_a_genus_is_not_an_option_but_a_letter_before_its_own_text_is():
+    options = {"A": "salmonella typhi", "B": "shigella", "C": "vibrio cholerae", "D": "campylobacter", "E": "rotavirus"}
+    user, reply = mc("Which organism?", options,
+                     "E. coli is common. C. vibrio cholerae fits the rice-water stool.\nThe answer is C.")
+    question = R.read(user, reply)
+    assert question.movable == frozenset("ABCDE")
+    _, new_reply = R.relabel(question, "E")
+    assert new_reply == "E. coli is common. E. vibrio cholerae fits the rice-water stool.\nThe answer is E."
+
+
 @pytest.mark.parametrize("reply, options, reason", [
     ("Adenine (A) pairs with thymine.\nThe answer is A.", OPTIONS4, R.BARE_LETTER),  # a word or option A?
     ("Blood types A, B, AB or O.\nThe answer is B.", OPTIONS4, R.BARE_LETTER),

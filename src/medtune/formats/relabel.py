@@ -18,8 +18,9 @@ must be one of:
 - a word: the article "A" ("A 45-year-old ..."), or a letter named by its neighbour ("vitamin C", "hepatitis B",
   "B cells", "type A", "anti-B", "Rho(D)"), left as it is.
 Anything else ("A, B, AB, or O", "adenine (A)") could be either, so that letter cannot move: a record whose gold
-letter cannot move is kept as it is and counted with the reason. So is a record whose options refer to each other
-("All of the above", "Both A and B"), or whose reply refers to a letter that is not one of its options.
+letter cannot move is kept as it is and counted with the reason. "All of the above" (or "None of these") pins itself
+and the options after it; the options above it may still swap. A record whose options name each other by letter
+("Both A and B"), or whose reply refers to a letter that is not one of its options, is kept as it is.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ KEYWORDS = ("option", "choice", "ans", "alternative")  # a cheap test before KEY
 STRONG = (
     (re.compile(r"\\boxed\{\s*\(?$"), re.compile(r"\)?\s*\}")),  # \boxed{B}
     (re.compile(r"\*\*\s*\(?$"), re.compile(r"\)?(?:[.):]|\s*\*\*)")),  # **B**, **B.** ..., **(B) ...**
-    (re.compile(r"(?:^|\n)[ \t>#*\-•]*\(?$"), re.compile(r"(?:\)|\.|:)(?=[\s*]|$)(?!\. [a-z])")),  # a line "B. ..."
+    (re.compile(r"(?:^|\n)[ \t>#*\-•]*\(?$"), re.compile(r"(?!\.\s+[a-z])(?:\)|\.|:)(?=[\s*]|$)")),  # a line "B. ..."
     (re.compile(r"(?:^|\n)[^\w\n]*\(?$"), re.compile(r"\)?[^\w\n]*(?:\n|$)")),  # a line that is only the letter
 )
+OWN_TEXT = re.compile(r"[.):]\s*(?:\*\*)?\s*")  # between a letter and its option's text
 # Weak references, which give way to a reading as a word ("hepatitis B is the most common"):
 WEAK = (
     (None, re.compile(r"\)?\s+(?:is|was|seems|would\s+be|could\s+be|remains)\s+(?:not\s+|also\s+|therefore\s+)?"
@@ -198,6 +200,14 @@ def _is_strong(text: str, at: int) -> bool:
     return text[at].isupper() and any(_matches(before, after, text, at) for before, after in STRONG)
 
 
+def _names_own_option(text: str, at: int, options: dict[str, str]) -> bool:
+    """Whether the letter is followed by its own option's text: "B. heparin", "(B) heparin", "B: heparin" (a
+    lowercase word after "B." is otherwise a genus, as in "E. coli")."""
+    own = options.get(text[at], "").strip().lower()
+    sep = OWN_TEXT.match(text, at + 1)
+    return len(own) >= 3 and sep is not None and text[sep.end(): sep.end() + 30].lower().startswith(own[:30])
+
+
 def _is_weak(text: str, at: int, options: dict[str, str]) -> bool:
     """Whether the capital at `at` reads as an option where it does not read as a word: "B is correct", "it is B.",
     "(B)" beside option B's own text ("Basophilia (B)")."""
@@ -239,7 +249,7 @@ def _classify(text: str, options: dict[str, str]) -> tuple[dict[int, str], dict[
     problems: dict[str, str] = {}
     for match in CAPITAL.finditer(text):
         at, letter = match.start(1), match.group(1)
-        if _is_strong(text, at):
+        if _is_strong(text, at) or _names_own_option(text, at, options):
             refs[at] = letter
         elif letter not in options or _is_word(text, at):
             continue
