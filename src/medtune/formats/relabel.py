@@ -52,7 +52,7 @@ ABOVE = re.compile(r"(?i)\b(?:(?:all|none|both|neither|either|any)\s+of\s+the(?:
 BY_LETTER = re.compile(r"(?i)\bboth\s+\(?[a-j]\)?\s+(?:and|&)\s+\(?[a-j]\)?\b"
                        r"|^\W*\(?[a-j]\)?\s*(?:,|&|/|\s(?:and|or)\s)\s*\(?[a-j]\)?(?:\W|$)")
 
-# A standalone letter: no letter, digit or joining mark touches it ("B12", "C3", "°C", "A.D." and "e.g." are no letters).
+# A standalone letter: no letter, digit or joining mark touches it ("B12", "C3", "°C", "A.D." and "e.g." are not).
 # Only such letters are looked at, each in its own neighbourhood (a few regex matches anchored at it), so a long
 # reasoning costs one scan for its capitals A-J and its rare lowercase b-j.
 _ALONE_AFTER = r"(?![A-Za-z0-9_]|[.\-/][A-Za-z0-9])"
@@ -88,7 +88,8 @@ OWN_TEXT = re.compile(r"[.):]\s*(?:\*\*)?\s*")  # between a letter and its optio
 # Weak references, which give way to a reading as a word ("hepatitis B is the most common"):
 WEAK = (
     (None, re.compile(r"\)?\s+(?:is|was|seems|would\s+be|could\s+be|remains)\s+(?:not\s+|also\s+|therefore\s+)?"
-                      r"(?:the\s+)?(?:correct|incorrect|right|wrong|best|answer|true|false|unlikely|likely|less|more)\b")),
+                      r"(?:the\s+)?(?:correct|incorrect|right|wrong|best|answer|true|false|unlikely|likely|less|"
+                      r"more)\b")),
     # "it is B.", "I would choose C,": a letter closing a clause after a verb
     (re.compile(r"\b(?:is|be|was|choose|chose|select|selected|pick|picked|with)\s+\(?$"),
      re.compile(r"\)?[.,;:!?)]*(?:\s|$)")),
@@ -388,12 +389,12 @@ class LetterStats:
     def summary(self) -> str:
         """One line: the gold letters' largest share before and after, and the counts."""
         def top(counts: Counter) -> str:
-            shares = shares(counts)
-            letter = max(shares, key=shares.get) if shares else "-"
-            return f"{letter} {shares.get(letter, 0):.0%}"
+            share = shares(counts)
+            letter = max(share, key=share.get) if share else "-"
+            return f"{letter} {share.get(letter, 0):.0%}"
         kept = sum(self.kept.values())
-        return (f"gold letters {top(self.before)} -> {top(self.after)} (largest share); {self.relettered} re-lettered, "
-                f"{self.in_place} in place, {kept} kept as they are, "
+        return (f"largest gold-letter share {top(self.before)} before, {top(self.after)} after; "
+                f"{self.relettered} re-lettered, {self.in_place} in place, {kept} kept as they are, "
                 f"{sum(self.not_multiple_choice.values())} not multiple choice")
 
 
