@@ -8,12 +8,12 @@ all right or all wrong gives none, unless `include_reference` lets its record's 
 (only when that reasoning itself ends in the right answer). Questions of the run's evaluation sets are refused
 before anything is sampled.
 
-With `pairs.balance_letters` (the default) each question is asked under an option permutation (the swap of
-`medtune.formats.relabel`, seeded by the run's seed) chosen so that the gold letters of the sampled questions are
-uniform per option count, and so the pairs', whose chosen and rejected replies are both sampled under it (a question
-whose own reasoning can't be re-lettered unambiguously keeps its letters, and is counted). PubMedQA's yes/no/maybe
-are labels and never move. Which questions give pairs depends on the model's answers, so the report shows the gold,
-chosen and rejected letter shares of the pairs made.
+With `pairs.balance_letters` (the default) each question is asked under one option permutation (the swap of
+`medtune.formats.relabel`, seeded by the run's seed), chosen so that the sampled questions' gold letters are uniform
+per option count; its chosen and rejected replies are both sampled under it, and its reference reasoning is
+re-lettered with it (a question whose reasoning can't be re-lettered unambiguously keeps its letters, and is
+counted). PubMedQA's yes/no/maybe are labels and never move. Which questions give pairs depends on the model's
+answers, so the report shows the gold, chosen and rejected letter shares of the pairs made.
 
 Output: `pairs.jsonl` in TRL's conversational shape, `samples.jsonl` (every reply with its grade) and
 `report.json`. Questions are sampled in fixed groups (as many as fill one generate call); each group is seeded from
@@ -338,7 +338,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
                            f"({', '.join(b.name for b in cfg.eval.benchmarks)}); sample from training questions")
 
     letters = LetterStats()
-    if pc.balance_letters and pc.kind != "pubmedqa":  # PubMedQA's yes/no/maybe are labels, not options
+    balancing = pc.balance_letters and pc.kind != "pubmedqa"  # PubMedQA's yes/no/maybe are labels, not options
+    if balancing:
         kept, letters = balance_questions(kept, cfg.seed)
     k, batch = pc.samples, _batch_size(pc)
     groups = _groups(kept, k, batch)
@@ -404,7 +405,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
         "resumed_questions": len(kept) - sum(len(g) for g in todo),
         "model": pc.model or cfg.base.model,
         "seconds": round(time.monotonic() - started, 1),
-        "letters": {"questions": letters.report(pc.balance_letters and pc.kind != "pubmedqa"),
+        "letters": {"questions": letters.report(balancing),
                     **pair_letter_shares(pairs)},
     }
     atomic_write_json(out / "report.json", {
@@ -416,7 +417,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
            f"accuracy {report['sampled_accuracy']:.1%}, no answer found in {report['extraction_failure_rate']:.1%}; "
            f"skipped {skipped['all_right']} all right, {skipped['all_wrong']} all wrong; refused "
            f"{len(refused)} (evaluation sets)")
-    if pc.balance_letters and pc.kind != "pubmedqa":
+    if balancing:
         ui.log(f"pairs: balance_letters: questions' {letters.summary()}; pairs' gold letters "
                f"{report['letters']['pairs_answer_shares']}")
     return report
