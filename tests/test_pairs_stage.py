@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from conftest import SHARED_DATA, write_jsonl
 
 from medtune import pairs
+from medtune.answers import extract_letter, question_options
 from medtune.artifacts import RunDir
 from medtune.config import load_config
 from medtune.errors import MedtuneError
@@ -67,8 +69,9 @@ def pairs_config(tmp_path, tiny_base):
         "train": {"objective": "dpo"},
         "export": {"name": "tiny", "types": ["F16"]},
         "eval": {"benchmarks": [{"name": "bench", "path": str(bench)}], "models": ["merged"]},
+        # the fake sampler knows each question's key by its index: letters stay (balancing has its own tests)
         "pairs": {"questions": str(questions), "kind": "medqa", "samples": 8, "batch_size": 16,
-                  "max_pairs_per_question": 3},
+                  "max_pairs_per_question": 3, "balance_letters": False},
     }
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -231,6 +234,79 @@ def test_hf_sampler_on_a_tiny_model_is_seeded(tiny_base):
     assert sampler(convs, 3, seed=11) == first
     assert sampler(convs, 3, seed=12) != first
     assert len({r["text"] for r in first[0]}) > 1  # sampled, not greedy
+
+
+def text_sampler(seen: dict):
+    """A model that knows each question's right option by its text ("right N"), whatever its letter: samples 0 and
+    1 name it, the others name the first other option; `seen` collects the prompts it was asked."""
+    def sample(conversations, n, seed):
+        out = []
+        for messages in conversations:
+            prompt = messages[-1]["content"]
+            seen.setdefault(prompt, 0)
+            seen[prompt] += n
+            options = question_options(prompt)
+            right = next(letter for letter, text in options.items() if text.startswith("right"))
+            wrong = next(letter for letter in options if letter != right)
+            out.append([f"Thinking {seed % 97}.\nThe answer is {right if j < 2 else wrong}." for j in range(n)])
+        return out
+    return sample
+
+
+def letter_questions(n: int) -> list[dict]:
+    """n questions whose key is always A, with a reference explanation naming it."""
+    return [{"realidx": f"k{i}", "question": f"Case {i}: a patient with finding {i}; which treatment number {i}?",
+             "options": {"A": f"right {i}", "B": f"other {i}", "C": f"third {i}", "D": f"fourth {i}"},
+             "answer_idx": "A", "explanation": f"Option A (right {i}) treats it; option B does not."}
+            for i in range(n)]
+
+
+def test_balanced_pairs_share_one_permutation_per_question(pairs_config, tmp_path):
+    questions = write_jsonl(tmp_path / "keys_a.jsonl", letter_questions(8))
+    cfg = load_config(pairs_config, [f"pairs.questions={questions}", "pairs.balance_letters=true",
+                                     "pairs.max_pairs_per_question=2", "pairs.include_reference=true"])
+    seen: dict = {}
+    run, report = run_pairs(cfg, text_sampler(seen))
+    made = read_jsonl(run / "pairs" / "pairs.jsonl")
+    assert len(seen) == 8 and set(seen.values()) == {8}  # each question asked once, under one permutation
+    golds = Counter()
+    for p in made:
+        prompt = p["prompt"][0]["content"]
+        assert prompt in seen  # chosen and rejected were sampled under the prompt the pair shows
+        options = question_options(prompt)
+        assert options[p["answer"]].startswith("right")  # the gold text sits at the gold letter
+        assert p["chosen_answer"] == p["answer"] != p["rejected_answer"]
+        assert extract_letter(p["chosen"][0]["content"], options) == p["answer"]
+        golds[p["answer"]] += 1
+    assert golds == {"A": 4, "B": 4, "C": 4, "D": 4}  # 8 questions, 2 per letter, 2 pairs each
+    letters = report["letters"]
+    assert letters["pairs_answer_shares"] == {"A": 0.25, "B": 0.25, "C": 0.25, "D": 0.25}
+    assert letters["pairs_chosen_answer_shares"] == letters["pairs_answer_shares"]
+    assert sum(letters["pairs_rejected_answer_shares"].values()) == pytest.approx(1)
+    assert letters["questions"]["gold_counts_before"] == {"A": 8}
+    assert letters["questions"]["gold_counts_after"] == {"A": 2, "B": 2, "C": 2, "D": 2}
+    # the explanation, re-lettered with its question, is a chosen reply naming the new letter
+    refs = [p for p in made if p["chosen"][0]["content"].startswith("Option ")]
+    assert refs and all(p["chosen"][0]["content"].startswith(f"Option {p['answer']} (right") for p in refs)
+
+    off = load_config(pairs_config, [f"pairs.questions={questions}", "pairs.balance_letters=false",
+                                     f"run_dir={tmp_path / 'off'}"])
+    _, report_off = run_pairs(off, text_sampler({}))
+    assert report_off["letters"]["pairs_answer_shares"] == {"A": 1.0}
+
+
+def test_pubmedqa_labels_are_never_permuted(pairs_config, tmp_path):
+    records = {str(1000 + i): {"QUESTION": f"Does drug {i} help patients with condition {i}?",
+                               "CONTEXTS": [f"Abstract {i}."], "final_decision": "yes", "LONG_ANSWER": "It does."}
+               for i in range(4)}
+    path = tmp_path / "pqal.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    cfg = load_config(pairs_config, [f"pairs.questions={path}", "pairs.kind=pubmedqa", "pairs.balance_letters=true"])
+    seen: dict = {}
+    _, report = run_pairs(cfg, lambda convs, n, seed: [
+        [seen.setdefault(c[-1]["content"], "The answer is A.")] * n for c in convs])
+    assert all("\nA. yes\nB. no\nC. maybe" in prompt for prompt in seen) and len(seen) == 4
+    assert report["letters"]["questions"]["multiple_choice"] == 0
 
 
 def test_pipeline_stage_cli_and_data_path(pairs_config):

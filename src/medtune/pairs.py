@@ -8,6 +8,13 @@ all right or all wrong gives none, unless `include_reference` lets its record's 
 (only when that reasoning itself ends in the right answer). Questions of the run's evaluation sets are refused
 before anything is sampled.
 
+With `pairs.balance_letters` (the default) each question is asked under one option permutation (the swap of
+`medtune.formats.relabel`, seeded by the run's seed), chosen so that the sampled questions' gold letters are uniform
+per option count; its chosen and rejected replies are both sampled under it, and its reference reasoning is
+re-lettered with it (a question whose reasoning can't be re-lettered unambiguously keeps its letters, and is
+counted). PubMedQA's yes/no/maybe are labels and never move. Which questions give pairs depends on the model's
+answers, so the report shows the gold, chosen and rejected letter shares of the pairs made.
+
 Output: `pairs.jsonl` in TRL's conversational shape, `samples.jsonl` (every reply with its grade) and
 `report.json`. Questions are sampled in fixed groups (as many as fill one generate call); each group is seeded from
 the run's seed and its first question's index, and its replies are appended and fsynced to a work file outside the
@@ -23,8 +30,9 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ from medtune.errors import MedtuneError
 from medtune.formats.benchmarks import load_benchmark
 from medtune.formats.choice import BadItem, Item, pubmedqa_item, question_prompt, reasonmed_record
 from medtune.formats.files import iter_raw_records
+from medtune.formats.relabel import Balancer, LetterStats, balance_one, read, shares
 from medtune.ui import UI
 
 GPU_BATCH, CPU_BATCH = 64, 8  # replies per generate call when pairs.batch_size is unset (CPU: see README)
@@ -117,6 +126,23 @@ def load_questions(pc: PairsConfig) -> tuple[list[Question], dict[str, Any]]:
         raise MedtuneError(f"{pc.questions}: no record has lettered options and an output ending in a final answer "
                            "(pairs.kind reasonmed)")
     return questions, skipped
+
+
+def balance_questions(questions: list[Question], seed: int) -> tuple[list[Question], LetterStats]:
+    """Each question with its options permuted so that the gold letters come out uniform per option count (seeded),
+    its reference reply re-lettered with it; a question that can't be re-lettered is kept as it is and counted."""
+    balancer, stats = Balancer(seed), LetterStats()
+    out = []
+    for q in questions:
+        reply = q.reference or f"The answer is {q.answer}."  # the key, where the question has no reasoning of its own
+        prompt, new_reply = balance_one(q.prompt, reply, balancer, stats, q.id)
+        if prompt == q.prompt:
+            out.append(q)
+            continue
+        moved = read(prompt, new_reply)
+        out.append(replace(q, prompt=prompt, options=moved.options, answer=moved.gold,
+                           reference=new_reply if q.reference is not None else None))
+    return out, stats
 
 
 def grade(question: Question, reply: Any, sample: int) -> dict[str, Any]:
@@ -281,6 +307,7 @@ def _work_key(cfg: Config, questions: list[Question], batch: int) -> str:
         "model_manifest": sha256_file(manifest) if manifest.is_file() else None,
         "questions": sha256_file(pc.questions) if pc.questions.is_file() else str(pc.questions),
         "kind": pc.kind, "sampled": [q.index for q in questions], "samples": pc.samples,
+        "balance_letters": pc.balance_letters,
         "temperature": pc.temperature, "top_p": pc.top_p, "max_new_tokens": pc.max_new_tokens, "batch": batch,
         "seed": cfg.seed,
     })
@@ -310,6 +337,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
         raise MedtuneError(f"{pc.questions}: every question is in the run's evaluation sets "
                            f"({', '.join(b.name for b in cfg.eval.benchmarks)}); sample from training questions")
 
+    letters = LetterStats()
+    balancing = pc.balance_letters and pc.kind != "pubmedqa"  # PubMedQA's yes/no/maybe are labels, not options
+    if balancing:
+        kept, letters = balance_questions(kept, cfg.seed)
     k, batch = pc.samples, _batch_size(pc)
     groups = _groups(kept, k, batch)
     work = run_dir / ".pairs-work" / _work_key(cfg, kept, batch)
@@ -374,6 +405,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
         "resumed_questions": len(kept) - sum(len(g) for g in todo),
         "model": pc.model or cfg.base.model,
         "seconds": round(time.monotonic() - started, 1),
+        "letters": {"questions": letters.report(balancing),
+                    **pair_letter_shares(pairs)},
     }
     atomic_write_json(out / "report.json", {
         **report, "refused": refused[:REFUSED_SHOWN], "no_answer_key_examples": unusable["examples"]})
@@ -384,7 +417,17 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
            f"accuracy {report['sampled_accuracy']:.1%}, no answer found in {report['extraction_failure_rate']:.1%}; "
            f"skipped {skipped['all_right']} all right, {skipped['all_wrong']} all wrong; refused "
            f"{len(refused)} (evaluation sets)")
+    if balancing:
+        ui.log(f"pairs: balance_letters: questions' {letters.summary()}; pairs' gold letters "
+               f"{report['letters']['pairs_answer_shares']}")
     return report
+
+
+def pair_letter_shares(pairs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Shares of the pairs' gold letters and of the letters their chosen and rejected replies give ("none": no
+    letter found in the reply)."""
+    return {f"pairs_{field}_shares": shares(Counter(p[field] or "none" for p in pairs))
+            for field in ("answer", "chosen_answer", "rejected_answer")}
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -53,6 +53,7 @@ from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.sources import DEFAULT_MAX_CHARS, ROLES, Rejection, _BadRecord, _describe_keys, _text, detect_schema
 from medtune.errors import MedtuneError
 from medtune.formats.files import RawRecord, check_text_file, iter_raw_records
+from medtune.formats.relabel import shares
 from medtune.models import load_tokenizer, resolve_base
 from medtune.ui import UI
 
@@ -322,6 +323,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
     contaminated: list[dict[str, Any]] = []
     lengths: dict[str, list[int]] = {side: [] for side in SIDES}
     stats = {side: Counter() for side in SIDES}
+    answers = {side: Counter() for side in SIDES}  # the option letter each used reply settles on
     read = 0
     records: Iterator[Pair | Rejection] = read_pairs(source, dc.max_chars)
     if dc.limit is not None:
@@ -357,6 +359,8 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
             for enc in fitted:  # 2k chosen, 2k+1 rejected
                 splits[split].add(enc)
             index[split].append({"location": pair.location, "id": pair.id})
+            for side in SIDES:
+                answers[side][final_answer(getattr(pair, side), pair.question()) or "none"] += 1
 
     used = len(index["train"]) + len(index["val"])
     if dc.strict and rejected:
@@ -398,6 +402,8 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
         "max_len": dc.max_len,
         "length_policy": dc.length_policy,
         "replies": replies,  # lengths: whole conversations (prompt + that reply), before data.length_policy
+        # pairs are balanced where they are made (`medtune pairs`, pairs.balance_letters), not re-lettered here
+        "letters": {f"{side}_answer_shares": shares(answers[side]) for side in SIDES},
         "packing": False,
         "contaminated": len(contaminated),
         "contamination_policy": dc.contamination,

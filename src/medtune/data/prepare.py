@@ -12,6 +12,10 @@ Records stream through in batches (tokenized together, which uses every core); m
 (5 bytes a token) and no Python object per token. The split is decided per record from a hash of its content and
 the seed, so it does not depend on the order or the size of the file.
 
+With data.balance_letters (the default) multiple-choice conversations are re-lettered as they stream through
+(`medtune.formats.relabel`), so that their gold letters come out uniform; report.json's `letters` says how many were
+re-lettered, kept as they were and why, and the gold-letter shares before and after.
+
 With train.objective dpo or orpo the records are preference pairs, prepared by data/pairs.py into the same files.
 """
 
@@ -20,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from medtune.data.common import (
 from medtune.data.formatting import ChatFormatter
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
 from medtune.errors import MedtuneError
+from medtune.formats.relabel import Balancer, LetterStats, balance_messages
 from medtune.models import load_tokenizer, resolve_base
 from medtune.ui import UI
 
@@ -57,8 +62,19 @@ def read_source(cfg: Config) -> tuple[str, Iterator[Conversation | Rejection]]:
     return str(source), read_records(source, dc.schema_, dc.max_chars)
 
 
+def balanced(records: Iterable[Conversation | Rejection], balancer: Balancer | None,
+             stats: LetterStats) -> Iterator[Conversation | Rejection]:
+    """The records with multiple-choice conversations re-lettered (`balancer` None: only counted in `stats`)."""
+    for record in records:
+        if isinstance(record, Conversation):
+            messages = balance_messages(record.messages, balancer, stats, record.location)
+            if messages is not record.messages:
+                record = replace(record, messages=messages, origin=record.messages)
+        yield record
+
+
 def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
-    digest = hashlib.blake2b(json.dumps(conv.messages, sort_keys=True).encode(), digest_size=8,
+    digest = hashlib.blake2b(json.dumps(conv.origin or conv.messages, sort_keys=True).encode(), digest_size=8,
                              key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
@@ -84,6 +100,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     counts = Counter()
     if dc.limit is not None:
         records = islice(records, dc.limit)
+    letters = LetterStats()
+    records = balanced(records, Balancer(cfg.seed) if dc.balance_letters else None, letters)
 
     for batch in batches(records, BATCH):
         counts["read"] += len(batch)
@@ -161,11 +179,13 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         "end_of_turn_token": formatter.eot,
         "pad_token": tokenizer.pad_token,
         "system_prompt": dc.system_prompt,
+        "letters": letters.report(dc.balance_letters),  # every record read as a conversation, before length checks
     }
     atomic_write_json(out / "report.json", report)
     ui.log(f"data: {counts['used']} of {counts['read']} records used ({len(rejected)} rejected); "
            f"{over} over {dc.max_len} tokens: {counts['truncated']} truncated ({counts['truncated_answer_cut']} lost "
            f"their final answer), {counts['shortened_keep_answer']} shortened keeping the answer")
+    ui.log(f"data: {'balance_letters' if dc.balance_letters else 'balance_letters off'}: {letters.summary()}")
     if contaminated:
         ui.log(f"[yellow]data: {len(contaminated)} training record(s) overlap an evaluation question "
                f"({'dropped' if dc.contamination == 'drop' else 'kept'}; see contamination.jsonl)[/]")

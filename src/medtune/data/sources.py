@@ -81,6 +81,9 @@ class Conversation:
     location: str  # file:line or file[index]
     messages: tuple[dict[str, str], ...]
     schema: str = ""
+    # the messages as read, where data.balance_letters re-lettered them (the validation split is decided on these,
+    # so a record's split does not depend on the setting)
+    origin: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
