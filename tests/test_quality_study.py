@@ -12,7 +12,6 @@ import yaml
 from conftest import ROOT, SHARED_DATA
 
 from medtune.contamination import question_stem
-from medtune.evaluate.stats import mcnemar_exact
 
 spec = importlib.util.spec_from_file_location("quality_study", ROOT / "bench" / "quality_study.py")
 study = importlib.util.module_from_spec(spec)
@@ -59,83 +58,105 @@ def test_training_file_is_the_suggested_split_and_disjoint_from_evaluation(built
     assert sorted(p.name for p in (out / "eval").iterdir()) == sorted(n for _, n in study.EVAL_FILES.values())
 
 
-def test_study_configs_share_the_evaluation_and_the_base() -> None:
+def test_study_configs_share_the_data_and_recipe_across_bases() -> None:
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "configs" / "study").glob("*.yaml")}
-    assert set(configs) == {"base", "sft-seed", "sft-fast", "rpo"}
-    first = configs["base"]["eval"]
-    for name, cfg in configs.items():
-        assert {k: v for k, v in cfg["eval"].items() if k not in ("models", "loglik_models")} == \
-            {k: v for k, v in first.items() if k not in ("models", "loglik_models")}, name
-        assert cfg["base"]["model"] == configs["base"]["base"]["model"] or name == "rpo"
-    assert configs["rpo"]["base"]["model"].endswith("sft-fast-s1/merged")
-    assert {study.variant_plan(v)[0].removesuffix(".yaml") for v in study.VARIANTS} == set(configs)
+    assert set(configs) == {f"{b}-{k}" for b in study.BASES for k in ("sft", "rpo")}
+    for base, (spec, template, _) in study.BASES.items():
+        sft, rpo = configs[f"{base}-sft"], configs[f"{base}-rpo"]
+        assert sft["base"]["model"] == spec and sft["base"].get("chat_template") == template
+        assert rpo["base"]["model"] == f"../../runs/study/{base}-sft-balanced-s1/merged"
+        assert sft["data"]["balance_letters"] is True and rpo["pairs"]["balance_letters"] is True
+        # the same data and recipe for both bases: only the chat markers' rows differ (Gemma's base never saw them)
+        assert sft["data"] == configs["smollm2-sft"]["data"]
+        assert {k: v for k, v in sft["train"]["lora"].items() if not k.startswith("trainable")} == \
+            configs["smollm2-sft"]["train"]["lora"]
+    for base in study.BASES:
+        plans = {v: study.variant_plan(base, v) for v in study.TUNED}
+        assert plans["sft-unbalanced-s1"][1][-1] == "data.balance_letters=false"
+        assert "data.balance_letters=false" not in plans["sft-balanced-s2"][1]
+        assert {config.removesuffix(".yaml") for config, _, _ in plans.values()} == {f"{base}-sft", f"{base}-rpo"}
 
 
-def _write(path: Path, correct: list[bool], extracted: str | None = "A") -> None:
+def _summary(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": str(i), "correct": c, "extracted": extracted if c else None,
-                                        "gold": extracted if c else "B"}) + "\n" for i, c in enumerate(correct)))
+    path.write_text(json.dumps({"limit": None, "always_most_common_answer": {
+        "medqa": {"answer": "A", "letter": "A", "accuracy": 0.3, "n": 200}}, "rows": rows}))
 
 
-def test_report_pairs_each_variant_with_base_and_the_previous_one(tmp_path, monkeypatch) -> None:
+def _row(model: str, formulation: str, accuracy: float, p_first: float | None, p_constant: float,
+         shares: dict | None = None) -> dict:
+    return {"model": f"runs/study/smollm2-models/{model}", "benchmark": "medqa", "formulation": formulation,
+            "n": 200, "accuracy": accuracy, "ci95": [accuracy - 0.05, accuracy + 0.05],
+            "answer_shares": shares or {"A": 0.25, "B": 0.25, "C": 0.25, "D": 0.25, "none": 0.0},
+            "gold_shares": {"A": 0.3, "B": 0.25, "C": 0.25, "D": 0.2}, "rstd": 3.0, "constant_accuracy": 0.3,
+            "mcnemar_p_vs_constant": p_constant, "mcnemar_p_vs_first": p_first}
+
+
+def test_report_names_each_row_and_checks_the_targets(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(study, "STUDY", tmp_path)
     monkeypatch.setattr(study, "DATA", tmp_path / "data")
-    base = [True] * 10 + [False] * 30
-    tuned = [False] * 2 + [True] * 8 + [True] * 12 + [False] * 18  # 2 lost, 12 gained
-    _write(tmp_path / "base" / "eval" / "base-hf" / "medqa.jsonl", base)
-    _write(tmp_path / "sft-seed" / "eval" / "merged" / "medqa.jsonl", tuned)
-    _write(tmp_path / "sft-seed" / "eval" / "loglik" / "merged" / "medqa.jsonl", tuned)
-    result = study.report({"base": "medtune eval configs/study/base.yaml"}, "test")
-    rows = {(r["variant"], r["mode"]): r for r in result["results"]}
-    assert rows[("base", "generate")]["accuracy"] == pytest.approx(0.25)
-    assert rows[("base", "generate")]["mcnemar_p_vs_base"] is None
-    seed = rows[("sft-seed", "generate")]
-    assert seed["accuracy"] == pytest.approx(0.5)
-    assert seed["extraction_failure_rate"] == pytest.approx(0.5)
-    assert (seed["vs_base"]["only_reference"], seed["vs_base"]["only_this"]) == (2, 12)
-    assert seed["mcnemar_p_vs_base"] == pytest.approx(mcnemar_exact(2, 12))
-    assert seed["vs_previous"]["variant"] == "base"
-    assert seed["ci_low"] < 0.5 < seed["ci_high"]
-    assert ("sft-seed", "loglik") in rows and rows[("sft-seed", "loglik")]["mcnemar_p_vs_base"] is None  # no base
-    assert "| sft-seed | medqa | generate | 40 | 50.0 (35.2–64.8) | 50.0% | 100.0 |" in study.markdown(result)
-    assert seed["answer_shares"] == {"A": 0.5, "None": 0.5}
-    # base's key: 10 items "A" (its right answers), 30 "B": always "B" scores 75%
-    assert result["always_most_common_answer"]["medqa"] == {"answer": "B", "accuracy": 0.75, "n": 40}
+    _summary(tmp_path / "smollm2-eval" / "cloze" / "summary.json", [
+        _row("base", "cloze-norm", 0.30, None, 1.0),
+        _row("sft-balanced-s1", "cloze-norm", 0.40, 0.001, 0.002),   # beats base and the constant answer
+        _row("sft-unbalanced-s1", "cloze-norm", 0.36, 0.01, 0.2),   # beats base, not the constant answer
+    ])
+    _summary(tmp_path / "smollm2-eval" / "generate" / "summary.json", [
+        _row("base", "generate", 0.28, None, 0.5),
+        _row("sft-balanced-s1", "generate", 0.31, 0.3, 0.9, {"A": 0.5, "B": 0.2, "C": 0.2, "D": 0.1, "none": 0}),
+    ])
+    result = study.report("test")
+    rows = {(r["variant"], r["formulation"]): r for r in result["results"]}
+    assert set(rows) == {("smollm2-base", "cloze-norm"), ("smollm2-sft-balanced-s1", "cloze-norm"),
+                         ("smollm2-sft-unbalanced-s1", "cloze-norm"), ("smollm2-base", "generate"),
+                         ("smollm2-sft-balanced-s1", "generate")}
+    row = rows[("smollm2-sft-balanced-s1", "cloze-norm")]
+    assert row["base_model"] == "smollm2" and row["mcnemar_p_vs_base"] == 0.001
+    assert row["always_most_common_answer"]["answer"] == "A"
+    targets = result["targets"]
+    # one benchmark is not two: the target needs wins on two held-out sets
+    assert targets["significant_wins_over_base"] == {"smollm2-sft-balanced-s1 cloze-norm": ["medqa"]}
+    assert targets["met_on_two_benchmarks"] == []
+    # the balanced variant answers "A" half the time against the keys' 30%: 20 points off
+    assert targets["balanced_answer_shares"] == [{"variant": "smollm2-sft-balanced-s1", "benchmark": "medqa",
+                                                  "max_gap_points": 20.0, "within_10_points": False}]
+    assert targets["balanced_all_within_10_points"] is False
+    table = study.markdown(result)
+    assert "| smollm2 | sft-balanced-s1 | medqa | cloze-norm | 200 | 40.0 (35.0–45.0) | 30.0 | 0.001 | 0.002 |" in table
 
 
 def test_variants_run_side_by_side_and_rpo_waits_for_its_base(tmp_path, monkeypatch) -> None:
-    """`gpu --jobs N --devices ...`: variants spread over the GPUs, rpo starts only once sft-fast-s1's merged model
-    is written, a failed variant stops only itself (and what depends on it), stages done in an earlier call are
-    skipped and their timings kept."""
+    """Variants side by side; each base's rpo starts only once its sft-balanced-s1 merged model is written; a
+    failed variant stops only itself (and what depends on it); stages done in an earlier call are skipped and
+    their timings kept."""
     import threading
 
     monkeypatch.setattr(study, "STUDY", tmp_path / "study")
-    monkeypatch.setattr(study, "pack", lambda out: None)
     calls, lock = [], threading.Lock()
 
     def fake(stage, config, *sets, log, env=None):
         run_dir = [s for s in sets if s.startswith("run_dir=")]
-        variant = Path(run_dir[0].split("=", 1)[1]).name if run_dir else Path(config).stem
+        name = Path(run_dir[0].split("=", 1)[1]).name if run_dir else f"{Path(config).stem[:-4]}-rpo-balanced"
         with lock:
-            calls.append((variant, stage, env["CUDA_VISIBLE_DEVICES"]))
-        if (variant, stage) == ("sft-fast-s2", "train"):
+            calls.append((name, stage))
+        if (name, stage) == ("gemma3-sft-balanced-s1", "train"):
             raise SystemExit("train failed")
-        done = study.STUDY / variant / study.FOLDERS[stage]
+        done = study.STUDY / name / study.FOLDERS[stage]
         done.mkdir(parents=True, exist_ok=True)
         (done / "manifest.json").write_text("{}")
         return 1.0
 
     monkeypatch.setattr(study, "medtune", fake)
-    (study.STUDY / "sft-fast-s3" / "prepared").mkdir(parents=True)
-    (study.STUDY / "sft-fast-s3" / "prepared" / "manifest.json").write_text("{}")
-    (study.STUDY / "timings.json").write_text(json.dumps({"sft-fast-s3": {"data": 5.0}}))
-    study.run_gpu(["sft-fast-s1", "sft-fast-s2", "sft-fast-s3", "rpo"], tmp_path / "out", [], jobs=4,
-                  devices=["0", "1"])
-    order = [(v, s) for v, s, _ in calls]
-    assert order.index(("rpo", "pairs")) > order.index(("sft-fast-s1", "merge"))
-    assert ("sft-fast-s2", "merge") not in order and ("sft-fast-s3", "data") not in order
-    assert {v: d for v, _, d in calls} == {"sft-fast-s1": "0", "sft-fast-s2": "1", "sft-fast-s3": "0", "rpo": "1"}
+    (study.STUDY / "smollm2-sft-balanced-s2" / "prepared").mkdir(parents=True)
+    (study.STUDY / "smollm2-sft-balanced-s2" / "prepared" / "manifest.json").write_text("{}")
+    (study.STUDY / "timings.json").write_text(json.dumps({"smollm2-sft-balanced-s2": {"data": 5.0}}))
+    runs = [(b, v) for b in study.BASES for v in study.TUNED]
+    study.train_variants(runs, tmp_path / "out", 0.0, None, jobs=8)
+    assert calls.index(("smollm2-rpo-balanced", "pairs")) > calls.index(("smollm2-sft-balanced-s1", "merge"))
+    assert [s for n, s in calls if n == "smollm2-rpo-balanced"] == ["pairs", "data", "train", "merge"]
+    assert not [c for c in calls if c[0] == "gemma3-rpo-balanced"]  # its base failed: never started
+    assert ("smollm2-sft-balanced-s2", "data") not in calls
     timings = json.loads((study.STUDY / "timings.json").read_text())
-    assert timings["sft-fast-s3"]["data"] == 5.0 and timings["sft-fast-s3"]["eval"] == 1.0
-    assert [s for v, s in order if v == "rpo"] == ["pairs", "data", "train", "merge", "eval"]
-    assert (study.STUDY / "rpo" / "eval" / "manifest.json").is_file()
+    assert timings["smollm2-sft-balanced-s2"]["data"] == 5.0 and timings["smollm2-sft-balanced-s2"]["merge"] == 1.0
+    unbalanced = study.variant_plan("gemma3", "sft-unbalanced-s1")
+    assert unbalanced == ("gemma3-sft.yaml", ["seed=1", "run_dir=../../runs/study/gemma3-sft-unbalanced-s1",
+                                              "data.balance_letters=false"], ["data", "train", "merge"])
