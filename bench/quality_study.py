@@ -94,7 +94,7 @@ FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "m
 # One `medtune eval` per base and mode; generation (4 asks an item with its shifts) runs on a stratified sample.
 MODES = {"generate": ["--mode", "generate", "--circular"], "loglik": ["--mode", "loglik", "--circular"],
          "cloze": ["--mode", "cloze"]}
-GENERATE_LIMIT = 300
+GENERATE_LIMIT = 200
 # items a batch: generation is launch-bound at this size; a scoring row's logits over a 262k vocabulary are large
 BATCH = {"generate": 1024, "loglik": 64, "cloze": 64}
 MAX_NEW_TOKENS = 256
