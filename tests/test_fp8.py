@@ -247,3 +247,67 @@ def test_memory_estimate_counts_the_fp8_base():
     assert small["estimated_peak_gib"] < full["estimated_peak_gib"]
     assert small["per_process_gib"]["fp8_backward_scratch"] > 0 and "fp8_backward_scratch" not in full[
         "per_process_gib"]
+
+
+def test_the_train_stage_on_an_fp8_base_learns_as_bf16_does_and_its_adapter_merges(tiny_config, tmp_path,
+                                                                                    monkeypatch):
+    """The whole train stage with `base_precision: fp8` (the GPU's FP8 matmul emulated on this CPU) against the same
+    run on the bf16 base: per-step losses, a plain PEFT adapter, and the merge stage on the original base."""
+    import json
+
+    import yaml
+
+    from medtune.artifacts import RunDir
+    from medtune.pipeline import BY_NAME, run_stage
+    from medtune.ui import UI
+
+    monkeypatch.setattr(fp8, "unsupported_reason", lambda device: None)
+    losses = {}
+    for precision in ("bf16", "fp8"):
+        raw = yaml.safe_load(tiny_config.read_text())
+        raw["run_dir"] = str(tmp_path / precision)
+        raw["train"] |= {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "threads": 1, "device": "cpu",
+                         "precision": "bf16", "base_precision": precision,
+                         "lora": {"target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"]}}
+        path = tmp_path / f"{precision}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        cfg = load_config(path)
+        run = RunDir(cfg.run_dir)
+        run_stage(BY_NAME["data"], cfg, run, UI())
+        report = run_stage(BY_NAME["train"], cfg, run, UI())
+        assert report["base_precision"] == precision
+        metrics = (run / "adapter" / "metrics.jsonl").read_text().splitlines()
+        losses[precision] = [json.loads(line)["loss"] for line in metrics if "loss" in json.loads(line)]
+    assert len(losses["fp8"]) == 4
+    rel_diff = [abs(a - b) / b for a, b in zip(losses["fp8"], losses["bf16"])]
+    assert max(rel_diff) < 1e-2, rel_diff
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == [
+        "down_proj", "gate_proj", "q_proj", "v_proj"]
+    merged = run_stage(BY_NAME["merge"], cfg, run, UI())  # onto the original base, with merge's own logits check
+    assert (run / "merged" / "config.json").is_file() and merged
+
+
+def test_the_loss_module_over_an_fp8_base_gives_summed_and_per_token_losses_close_to_full_precision():
+    """What SFT and the preference objectives read from the head (CausalLMLoss: summed loss, per-token
+    log-probabilities), on the same model with and without its FP8 base."""
+    from medtune.train.loss import CausalLMLoss, label_positions
+
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(6))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    index, targets = label_positions(labels)
+    positions = torch.arange(24).repeat(2, 1)
+    found = {}
+    for name in ("full", "fp8"):
+        model = tiny_llama(seed=7)
+        if name == "fp8":
+            fp8.quantize_base_(model)
+        loss_model = CausalLMLoss(model)
+        with torch.no_grad():
+            found[name] = (loss_model(ids, positions, index, targets),
+                           loss_model(ids, positions, index, targets, per_token=True))
+    (full_sum, full_tokens), (fp8_sum, fp8_tokens) = found["full"], found["fp8"]
+    assert full_tokens.shape == (32,) and torch.allclose(fp8_tokens.sum(), -fp8_sum, rtol=1e-5)
+    assert abs(float(fp8_sum) - float(full_sum)) / float(full_sum) < 1e-2
+    assert (fp8_tokens - full_tokens).abs().max() < 0.05
