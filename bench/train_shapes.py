@@ -200,7 +200,7 @@ def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 def _timed_tflops(fn, flop: float) -> float:
