@@ -98,7 +98,8 @@ def memory_plan(cfg: Config, ui: UI) -> dict[str, Any]:
         ui.log(f"train: estimated peak {estimate['estimated_peak_gib']} GiB per process ({parts}) of "
                f"{estimate['device_memory_gib']} GiB on {device}" + ("" if estimate["fits"] else
                "; it does not fit: lower train.batch_size or data.max_len, or set train.gradient_checkpointing, "
-               "train.qlora or train.strategy fsdp over more GPUs (nothing was loaded)"))
+               "train.base_precision fp8 (FP8 GPUs), train.qlora or train.strategy fsdp over more GPUs (nothing was "
+               "loaded)"))
     return {"estimated_peak_gib": estimate["estimated_peak_gib"], "device_memory_gib": estimate["device_memory_gib"],
             "fits": estimate["fits"], "estimate_gib": estimate["per_process_gib"],
             "base_params": estimate["base_params"]}
