@@ -14,8 +14,19 @@ step's loss is within 5% of ln(vocab) + 0.02^2 x hidden / 2 (a random head's log
 the 4-bit weights dequantize to the weights they came from (relative error < 0.15) and a 4-bit layer computes
 x @ dequantized.T. A shape whose compiled run fails is run again uncompiled (the failure is recorded).
 
+A shape named `-fp8` (`train.base_precision: fp8`, train/fp8.py) is the same model, seed and batches with the
+decoder's linear weights quantized to FP8 after it is built. Before its timing, on the GPU: the FP8 layer's forward
+and input gradient against the same quantized arithmetic done in fp32 (the kernel) and against the bf16 weights
+(the quantization), gradients quantized to e4m3 and to e5m2; odd row counts; the raw FP8 and bf16 matmul rates;
+and one step of a 2-layer 1B model, fp8 against bf16, under varlen attention with gradient checkpointing, summed
+and through the per-token head of the preference objectives. Every shape runs `--loss-steps` steps
+(the timed ones among them); an fp8 row records its tokens/s against the bf16 row of the same size
+(`speedup_vs_bf16`) and the largest relative difference of its per-step loss from that row's
+(`loss_rel_diff_vs_bf16`).
+
     python bench/train_shapes.py --out bench/results/train_throughput_shapes.json            # on an H200, ~5 min
-    python bench/train_shapes.py --shapes tiny --device cpu --out /tmp/shapes.json            # smoke run on a CPU
+    python bench/train_shapes.py --shapes 1b,1b-fp8,3b,3b-fp8,8b,8b-fp8 --profile 1b-fp8,8b-fp8  # fp8 beside bf16
+    python bench/train_shapes.py --shapes tiny,tiny-fp8 --device cpu --out /tmp/shapes.json   # smoke run on a CPU
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from train_throughput import (  # noqa: E402
     matmul_flops,
     packed_batches,
     packed_equals_alone,
+    summarize_profile,
     workload,
 )
 
@@ -150,8 +162,9 @@ def four_bit_model(config, device: torch.device, source: RandomWeights, dtype: t
 
 
 def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode: str, dropout: float = 0.05,
-          layers: int | None = None):
-    """The PEFT model, its loss module, the parameter count, and (QLoRA) the 4-bit check."""
+          layers: int | None = None, fp8: bool = False):
+    """The PEFT model, its loss module, the parameter count, and (QLoRA) the 4-bit check. `fp8`: the same model
+    with its decoder's linear weights in FP8 (train/fp8.py), as `train.base_precision: fp8` loads it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -169,6 +182,10 @@ def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode
     else:
         with device:  # random init on the GPU itself
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if fp8:
+            from medtune.train.fp8 import quantize_base_
+
+            quantize_base_(model)
     model.config.use_cache = False
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
@@ -182,14 +199,149 @@ def build(shape: str, attn: str, device: torch.device, qlora: bool, compile_mode
     return model, CausalLMLoss(model), params, check
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def _timed_tflops(fn, flop: float) -> float:
+    import statistics
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return round(flop / statistics.median(times) / 1e12, 1)
+
+
+def fp8_kernel_check() -> dict:
+    """The FP8 layer on the GPU against the same quantized arithmetic in fp32 (the kernel) and against the bf16
+    weights (what quantization costs), its input gradient with e4m3 and e5m2 gradients, odd row counts, and the
+    raw FP8 (row-wise scaled) and bf16 matmul rates."""
+    from medtune.train import fp8
+
+    torch.manual_seed(0)
+    m, k, n = 4096, 4096, 4096
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(linear.weight, 0.0, 0.02)
+    layer = fp8.Fp8Linear.from_linear(linear)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    out: dict = {}
+    y = layer(x)
+    q, scale = fp8.quantize_rows(x.detach(), fp8.ACTIVATION_DTYPE)
+    out["forward_vs_emulated"] = _rel(y, fp8.dequantize_rows(q, scale) @ layer.dequantized_weight().t())
+    out["forward_vs_bf16_weights"] = _rel(y, x.detach().float() @ linear.weight.float().t())
+    exact = dy.float() @ linear.weight.float()
+    for name, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+        fp8.GRADIENT_DTYPE, x.grad = dtype, None
+        try:
+            layer(x).backward(dy)
+            out[f"grad_{name}_vs_exact"] = _rel(x.grad, exact)
+            gq, gs = fp8.quantize_rows(dy.float() * layer.weight_scale, dtype)
+            out[f"grad_{name}_vs_emulated"] = _rel(x.grad, fp8.dequantize_rows(gq, gs) @ layer.fp8_weight.float())
+        except RuntimeError as exc:
+            out[f"grad_{name}_error"] = str(exc)[:300]
+    fp8.GRADIENT_DTYPE = torch.float8_e4m3fn
+    for rows in (7, 100):
+        try:
+            small = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            out[f"rows_{rows}_vs_bf16_weights"] = _rel(layer(small), small.float() @ linear.weight.float().t())
+        except RuntimeError as exc:
+            out[f"rows_{rows}_error"] = str(exc)[:300]
+    out |= matmul_rates()
+    out["passed"] = (out["forward_vs_emulated"] < 1e-2 and out.get("grad_e4m3_vs_emulated", 1.0) < 1e-2
+                     and out["forward_vs_bf16_weights"] < 0.1 and out.get("grad_e4m3_vs_exact", 1.0) < 0.1)
+    return {key: round(v, 6) if isinstance(v, float) else v for key, v in out.items()}
+
+
+def matmul_rates() -> dict:
+    """TFLOP/s of bf16 and row-wise scaled FP8 matrix multiplies at the 8B shape's sizes (8192 tokens)."""
+    from medtune.train import fp8
+
+    out = {}
+    for m, k, n in ((8192, 8192, 8192), (8192, 4096, 14336), (8192, 14336, 4096)):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        qa, sa = fp8.quantize_rows(a, torch.float8_e4m3fn)
+        qb, sb = fp8.quantize_rows(b, torch.float8_e4m3fn)
+        out[f"tflops_bf16_{m}x{k}x{n}"] = _timed_tflops(lambda a=a, b=b: a @ b.t(), 2 * m * k * n)
+        out[f"tflops_fp8_rowwise_{m}x{k}x{n}"] = _timed_tflops(
+            lambda qa=qa, qb=qb, sa=sa, sb=sb: fp8.scaled_mm(qa, qb.t(), sa, sb.t()), 2 * m * k * n)
+    return out
+
+
+def _one_step_grads(model, loss_model, batch: dict, per_token: bool) -> tuple[float, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = loss_model(batch["input_ids"], batch["position_ids"], batch["label_index"], batch["targets"],
+                         batch.get("cu_seq_lens"), per_token=per_token)
+    value = out.sum() if per_token else out
+    value.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+    return float(value), grads
+
+
+# (attention, gradient checkpointing, per-token log-probabilities); flex attention, compiled, with the summed loss
+# is what the timed shapes run
+COMPOSITIONS = (("varlen", True, False), ("varlen", True, True))
+
+
+def fp8_composition_check(examples) -> dict:
+    """One step of a 2-layer 1B model, fp8 against bf16 (same init, same packed row, dropout 0, uncompiled): loss
+    and LoRA gradients in each of COMPOSITIONS (the per-token log-probabilities are the preference objectives')."""
+    from medtune.train.objectives.sft import collate
+
+    batch = {k: v.cuda() for k, v in collate(packed_batches(examples, 1)[0][0], PAD, MAX_LEN).items()}
+    out: dict = {}
+    for attn, ckpt, per_token in COMPOSITIONS:
+        found = []
+        for fp8 in (False, True):
+            model, loss_model, _, _ = build("1b", attn, torch.device("cuda"), False, "none", dropout=0.0, layers=2,
+                                            fp8=fp8)
+            if ckpt:
+                model.get_base_model().gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            found.append(_one_step_grads(model, loss_model, batch, per_token))
+            del model, loss_model
+        (loss16, g16), (loss8, g8) = found
+        key = f"{attn}{'+ckpt' if ckpt else ''}{'+per_token' if per_token else ''}"
+        out[key] = {"loss_rel_diff": round(abs(loss8 - loss16) / abs(loss16), 6),
+                    "grad_cosine": round(float(torch.nn.functional.cosine_similarity(g8, g16, dim=0)), 5)}
+    out["passed"] = all(v["loss_rel_diff"] < 1e-2 and v["grad_cosine"] > 0.98 for v in out.values())
+    return out
+
+
+def compare_fp8(shapes: dict) -> None:
+    """Each fp8 row against the bf16 row of its size in the same run: tokens/s, peak memory, per-step loss."""
+    for name, row in shapes.items():
+        ref = shapes.get(name.removesuffix("-fp8"))
+        if not name.endswith("-fp8") or "tokens_per_s" not in row or not ref or "tokens_per_s" not in ref:
+            continue
+        steps = min(len(row["losses"]), len(ref["losses"]))
+        row["speedup_vs_bf16"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 4)
+        if row["peak_mem_gib"] is not None:
+            row["peak_mem_vs_bf16"] = round(row["peak_mem_gib"] / ref["peak_mem_gib"], 4)
+        rel = [abs(a - b) / abs(b) for a, b in zip(row["losses"][:steps], ref["losses"][:steps])]
+        row["loss_rel_diff_vs_bf16"] = round(max(rel), 6)
+        row["loss_rel_diff_mean"] = round(sum(rel) / steps, 6)
+        row["loss_steps_compared"] = steps
+
+
 def run_shape(shape: str, examples, args, device: torch.device, flops: float | None, compile_mode: str) -> dict:
-    qlora = shape.endswith("-qlora")
-    name = shape.removesuffix("-qlora")
+    qlora, fp8 = shape.endswith("-qlora"), shape.endswith("-fp8")
+    name = shape.removesuffix("-qlora").removesuffix("-fp8")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model, loss_model, params, check = build(name, args.attn, device, qlora, compile_mode, layers=args.layers)
+    model, loss_model, params, check = build(name, args.attn, device, qlora, compile_mode, layers=args.layers,
+                                             fp8=fp8)
     built_s = time.perf_counter() - start
     if check is not None and not check["passed"]:
         return {"error": "4-bit check failed", "qlora_check": check}
@@ -224,6 +376,16 @@ def run_shape(shape: str, examples, args, device: torch.device, flops: float | N
     tokens = sum(one_step(step) for step in range(args.warmup, args.warmup + args.steps))
     sync()
     elapsed = time.perf_counter() - begin
+    for step in range(args.warmup + args.steps, args.loss_steps):  # the rest of the loss comparison, untimed
+        one_step(step)
+    if shape in args.profile:  # after the timed steps, so the profiler's own cost is not in the number
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for step in range(3):
+                one_step(step)
+            sync()
+        summarize_profile(prof, args.out.with_name(f"profile_shapes_{shape}.txt"))
+        del losses[max(args.loss_steps, args.warmup + args.steps):]
     values = [float(x) for x in losses]
     if not all(map(math.isfinite, values)):
         return {"error": f"non-finite loss: {values}"}
@@ -234,7 +396,8 @@ def run_shape(shape: str, examples, args, device: torch.device, flops: float | N
               "params": params, "rows_per_batch": rows, "row_tokens": MAX_LEN, "packing_efficiency": round(eff, 4),
               "qlora": qlora, "compile": compile_mode, "steps_timed": args.steps, "warmup_steps": args.warmup,
               "build_s": round(built_s, 1), "warmup_s": round(warmup_s, 1),
-              "first_losses": [round(x, 4) for x in values[:3]], "last_loss": round(values[-1], 4)}
+              "first_losses": [round(x, 4) for x in values[:3]], "last_loss": round(values[-1], 4),
+              "fp8": fp8, "losses": values}
     if check is not None:
         result["qlora_check"] = check
     return result
@@ -242,7 +405,8 @@ def run_shape(shape: str, examples, args, device: torch.device, flops: float | N
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="1b,3b,8b,8b-qlora", help="of 1b, 3b, 8b, tiny, each optionally -qlora")
+    parser.add_argument("--shapes", default="1b,1b-fp8,3b,3b-fp8,8b,8b-fp8,8b-qlora",
+                        help="of 1b, 3b, 8b, tiny, each optionally -qlora or -fp8")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--attn", default=None, help="default: flex_attention on a GPU, sdpa on a CPU")
     parser.add_argument("--compile", default=None, choices=["layers", "decoder", "none"],
@@ -251,6 +415,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="truncate every shape to K layers (smoke runs)")
+    parser.add_argument("--loss-steps", type=int, default=50, help="steps run per shape (timed ones included): "
+                        "the per-step loss an fp8 row is compared on")
+    parser.add_argument("--skip-packed-gate", action="store_true", help="no packed-vs-alone check (short calls)")
+    parser.add_argument("--profile", default="", help="shapes whose 3 steps after timing are profiled (kernels)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_throughput_shapes.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -259,7 +427,8 @@ def main() -> None:
     args.compile = args.compile or ("layers" if gpu else "none")
     args.rows = args.rows or (4 if gpu else 1)
     if not gpu:
-        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.steps, args.warmup, args.loss_steps = min(args.steps, 2), min(args.warmup, 1), min(args.loss_steps, 4)
+    args.profile = set(filter(None, args.profile.split(",")))
     from medtune.train.attention import register
 
     register()
@@ -276,7 +445,7 @@ def main() -> None:
     def save() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
-    if gpu and args.attn == "flex_attention":
+    if gpu and args.attn == "flex_attention" and not args.skip_packed_gate:
         gate = packed_equals_alone(args.attn)
         results["packed_vs_alone_max_rel_diff"] = gate
         print(f"packed vs alone ({args.attn}): {gate:.2e}", flush=True)
@@ -284,6 +453,21 @@ def main() -> None:
             save()
             sys.exit(f"packed rows do not give each example its own loss ({gate:.2e}); nothing timed")
     examples = workload(3000 if gpu else 200)
+    if gpu and any(shape.endswith("-fp8") for shape in args.shapes.split(",")):
+        try:
+            results["fp8_kernel_check"] = fp8_kernel_check()
+        except Exception as exc:  # recorded; the bf16 shapes still run
+            results["fp8_kernel_check"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "passed": False}
+        print(f"fp8 kernel: {results['fp8_kernel_check']}", flush=True)
+        try:
+            results["fp8_composition_check"] = fp8_composition_check(examples)
+        except Exception as exc:  # recorded; the timed shapes still run
+            results["fp8_composition_check"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "passed": False}
+        print(f"fp8 composition: {results['fp8_composition_check']}", flush=True)
+        save()
+        if not results["fp8_kernel_check"]["passed"]:
+            args.shapes = ",".join(s for s in args.shapes.split(",") if not s.endswith("-fp8"))
+            print("fp8 checks failed: the fp8 shapes are not timed", flush=True)
     failed = False
     for shape in args.shapes.split(","):
         if shape.endswith("-qlora"):
@@ -318,14 +502,17 @@ def main() -> None:
         torch._dynamo.reset()
         if gpu:
             torch.cuda.empty_cache()
-    print("\n| shape | tokens/s | MFU | peak GiB |\n|---|---:|---:|---:|")
+    compare_fp8(results["shapes"])
+    save()
+    print("\n| shape | tokens/s | MFU | peak GiB | x bf16 | loss rel diff |\n|---|---:|---:|---:|---:|---:|")
     for shape, r in results["shapes"].items():
         if "tokens_per_s" in r:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
             peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            print(f"| {shape} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} |")
+            print(f"| {shape} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | {r.get('speedup_vs_bf16', '-')} | "
+                  f"{r.get('loss_rel_diff_vs_bf16', '-')} |")
         else:
-            print(f"| {shape} | {r.get('skipped') or r.get('error')} | | |")
+            print(f"| {shape} | {r.get('skipped') or r.get('error')} | | | | |")
     if failed:
         sys.exit(1)
 

@@ -129,10 +129,31 @@ class TrainConfig(Section):
     checkpoint_steps: int = Field(100, gt=0)  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = Field(2, gt=0)  # the newest K are kept
     qlora: bool = False  # 4-bit base through bitsandbytes (GPU only)
+    # fp8: the frozen decoder linears stored in FP8 (e4m3, a scale per row) and multiplied on FP8 tensor cores
+    # (GPUs of compute capability 8.9+: Ada, Hopper); LoRA itself trains as with bf16 (train/fp8.py)
+    base_precision: Literal["bf16", "fp8"] = "bf16"
     # several GPUs (--gpus N): ddp keeps the whole base on every GPU; fsdp shards it (bases too large for one card)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool = True
     threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _fp8_combinations(self) -> TrainConfig:
+        if self.base_precision != "fp8":
+            return self
+        if self.qlora:
+            raise ValueError("train.base_precision fp8 and train.qlora do not combine (QLoRA stores the base in 4 "
+                             "bits): set one of them")
+        if self.precision in ("fp32", "fp16"):
+            raise ValueError(f"train.base_precision fp8 computes in bf16: set train.precision bf16 or auto (got "
+                             f"{self.precision})")
+        if self.lora.dora:
+            raise ValueError("train.base_precision fp8 does not combine with train.lora.dora (DoRA's magnitudes need "
+                             "each whole weight in full precision); use base_precision bf16")
+        if self.strategy == "fsdp":
+            raise ValueError("train.base_precision fp8 does not combine with train.strategy fsdp (FP8 weights are "
+                             "not sharded); use strategy ddp, where the FP8 base takes half the memory of bf16")
+        return self
 
 
 class MergeConfig(Section):

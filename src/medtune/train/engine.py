@@ -231,6 +231,7 @@ def time_steps(setup: Setup, objective: Objective, items: list[Any]) -> dict[str
         "device": str(device),
         "processes": setup.dist.world,
         "precision": setup.precision,
+        "base_precision": tc.base_precision,
         "rows": len(items),
         "tokens_per_epoch": tokens_per_epoch,
         "epochs": round(epochs, 3),

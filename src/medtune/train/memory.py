@@ -20,6 +20,7 @@ import torch
 from medtune.config import Config
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, a uint8 scale per 64, an fp32 scale per 256 scales
+FP8_SCALE_BYTES = 4  # base_precision fp8: one fp32 scale per output row of each decoder linear
 HEAD_BYTES_PER_LOGIT = 12  # one chunk's logits in the compute dtype, their fp32 copy, probabilities, gradient
 
 
@@ -41,7 +42,20 @@ def count(model_config: Any, targets: list[str]) -> dict[str, int]:
     linears = sum(n for key, n in seen.items() if key in linear_ids)
     lora_per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
                         if type(m) is torch.nn.Linear and name.rsplit(".", 1)[-1] in targets)
-    return {"base": sum(seen.values()), "decoder_linears": linears, "lora_per_rank": lora_per_rank}
+    decoder = [m for layer in decoder_layers(model) for m in layer.modules() if type(m) is torch.nn.Linear]
+    return {"base": sum(seen.values()), "decoder_linears": linears, "lora_per_rank": lora_per_rank,
+            "decoder_linear_rows": sum(m.out_features for m in decoder),
+            "largest_linear": max((m.weight.numel() for m in decoder), default=0),
+            "widest_linear": max((m.out_features for m in decoder), default=0)}
+
+
+def fp8_bytes(counts: dict[str, int], rest_bytes: int, tokens: int) -> tuple[float, float]:
+    """base_precision fp8: the base's bytes (decoder linears one byte a value plus a scale a row, the rest as
+    loaded) and the scratch of one FP8 matrix multiply's backward (the weight transposed, the widest output
+    gradient scaled in fp32 and its FP8 copy)."""
+    weights = counts["decoder_linears"] + counts["decoder_linear_rows"] * FP8_SCALE_BYTES \
+        + (counts["base"] - counts["decoder_linears"]) * rest_bytes
+    return weights, counts["largest_linear"] + tokens * counts["widest_linear"] * (4 + 1)
 
 
 def estimate(cfg: Config, model_config: Any, precision: str, world: int, device: torch.device) -> dict[str, Any]:
@@ -50,8 +64,12 @@ def estimate(cfg: Config, model_config: Any, precision: str, world: int, device:
     sharded = tc.strategy == "fsdp" and world > 1
     counts = count(model_config, list(tc.lora.target_modules))
     dtype_bytes = 2 if precision == "bf16" else 4
+    tokens = tc.batch_size * cfg.data.max_len  # a micro-batch: packed rows, or rows padded to at most max_len
+    fp8_scratch = 0.0
     if tc.qlora:
         weights = counts["decoder_linears"] * NF4_BYTES + (counts["base"] - counts["decoder_linears"]) * dtype_bytes
+    elif tc.base_precision == "fp8":
+        weights, fp8_scratch = fp8_bytes(counts, dtype_bytes, tokens)
     else:
         weights = counts["base"] * dtype_bytes
     if sharded:
@@ -68,7 +86,6 @@ def estimate(cfg: Config, model_config: Any, precision: str, world: int, device:
     layers = model_config.num_hidden_layers
     act_dtype = 2 if precision in ("bf16", "fp16") else 4
     per_token_layer = act_dtype * (11 * hidden + 2 * kv + 4 * ffn) + 4 * 2 * hidden  # + the norms' fp32 upcasts
-    tokens = tc.batch_size * cfg.data.max_len  # a micro-batch: packed rows, or rows padded to at most max_len
     if tc.gradient_checkpointing:
         activations = tokens * (layers * act_dtype * hidden + per_token_layer)
     else:
@@ -82,6 +99,8 @@ def estimate(cfg: Config, model_config: Any, precision: str, world: int, device:
         gathered = 0.0
     parts = {"weights": weights, "lora_and_optimizer": trainable, "activations": activations, "loss_head": head,
              "fsdp_gathered_layers": gathered}
+    if tc.base_precision == "fp8":
+        parts["fp8_backward_scratch"] = fp8_scratch
     total = sum(parts.values())
     available = device_memory_gib(device)
     gib = {name: round(value / 2**30, 2) for name, value in parts.items()}

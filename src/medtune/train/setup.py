@@ -118,15 +118,26 @@ def training_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str) -> Any:
+def load_base_for_training(base: str, precision: str, device: torch.device, qlora: bool, attention: str,
+                           base_precision: str = "bf16", ui: UI | None = None) -> Any:
     """fp16 trains fp32 master weights under autocast with a loss scaler (as the seed's Trainer did); bf16 keeps the
-    frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit."""
+    frozen base in bf16 and the LoRA weights in fp32 (PEFT's autocast_adapter_dtype); QLoRA loads it in 4-bit;
+    base_precision fp8 loads it in bf16 and quantizes the decoder's linear weights to FP8, one at a time."""
     if attention == "varlen":
         from medtune.train.attention import register
 
         register()
     if not qlora:
-        return load_model(base, dtype=training_dtype(precision), device=str(device), attention=attention)
+        model = load_model(base, dtype=training_dtype(precision), device=str(device), attention=attention)
+        if base_precision == "fp8":
+            from medtune.train.fp8 import quantize_base_
+
+            done = quantize_base_(model)
+            if ui is not None:
+                ui.log(f"train: {done['converted']} linear weights of the base in FP8 (e4m3, a scale per row)"
+                       + (f", {done['kept_bf16']} kept in bf16 (sizes not multiples of 16)"
+                          if done["kept_bf16"] else ""))
+        return model
     if device.type != "cuda":
         raise MedtuneError("train.qlora needs a CUDA GPU (bitsandbytes 4-bit); set train.qlora=false on this machine")
     try:
@@ -201,8 +212,15 @@ def placement(cfg: Config, ui: UI | None = None) -> tuple[Distributed, torch.dev
         torch.set_num_threads(tc.threads)
     device = torch.device("cuda", dist.local_rank) if dist.world > 1 and torch.cuda.is_available() \
         else pick_device(tc.device)
+    if tc.base_precision == "fp8":  # refused here, before the base is even resolved, where the card has no FP8
+        from medtune.train.fp8 import require_support
+
+        require_support(device)
     base = resolve_base(cfg.base.model, cfg.base.revision)
-    return dist, device, pick_precision(tc.precision, device, overflows_in_fp16(base), ui)
+    precision = pick_precision(tc.precision, device, overflows_in_fp16(base), ui)
+    if tc.base_precision == "fp8":
+        require_support(device, precision)
+    return dist, device, precision
 
 
 def build(cfg: Config, n_items: int, ui: UI) -> Setup:
@@ -220,7 +238,8 @@ def build(cfg: Config, n_items: int, ui: UI) -> Setup:
     if sharded:  # made on the meta device; each process fills only its shard below
         model = apply_lora(empty_base_for_sharding(cfg, base, precision, device), cfg, ui, base)
     else:
-        model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention), cfg, ui, base)
+        model = apply_lora(load_base_for_training(base, precision, device, tc.qlora, tc.attention,
+                                                  tc.base_precision, ui), cfg, ui, base)
     if tc.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and under torch.compile
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -44,9 +44,11 @@ def reference_key(cfg: Config, run_dir: RunDir) -> str:
     tc = cfg.train
     manifest = Path(cfg.base.model) / "manifest.json"
     built = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") if manifest.is_file() else None
+    # an FP8 base gives other log-probabilities; named only then, so references made before the setting stay valid
+    fp8 = {"base_precision": tc.base_precision} if tc.base_precision != "bf16" else {}
     return fingerprint({"base": cfg.base.model_dump(mode="json"), "base_build": built, "precision": tc.precision,
                         "device": tc.device, "attention": tc.attention, "qlora": tc.qlora,
-                        "data": (run_dir.manifest("prepared") or {}).get("fingerprint")})
+                        "data": (run_dir.manifest("prepared") or {}).get("fingerprint"), **fp8})
 
 
 def prepared_kind(prepared: Path) -> str:
@@ -96,7 +98,8 @@ def memory_plan(cfg: Config, ui: UI) -> dict[str, Any]:
         ui.log(f"train: estimated peak {estimate['estimated_peak_gib']} GiB per process ({parts}) of "
                f"{estimate['device_memory_gib']} GiB on {device}" + ("" if estimate["fits"] else
                "; it does not fit: lower train.batch_size or data.max_len, or set train.gradient_checkpointing, "
-               "train.qlora or train.strategy fsdp over more GPUs (nothing was loaded)"))
+               "train.base_precision fp8 (FP8 GPUs), train.qlora or train.strategy fsdp over more GPUs (nothing was "
+               "loaded)"))
     return {"estimated_peak_gib": estimate["estimated_peak_gib"], "device_memory_gib": estimate["device_memory_gib"],
             "fits": estimate["fits"], "estimate_gib": estimate["per_process_gib"],
             "base_params": estimate["base_params"]}
@@ -136,7 +139,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     result = engine.fit(s, objective, items["train"], items["val"], ckpt_root, ui)
     device = s.device
     report = {
-        "objective": tc.objective, "device": str(device), "precision": s.precision, "world_size": s.dist.world,
+        "objective": tc.objective, "device": str(device), "precision": s.precision,
+        "base_precision": tc.base_precision, "world_size": s.dist.world,
         "strategy": tc.strategy if s.dist.world > 1 else None, "steps": s.total_steps,
         "weights_gib_per_process": s.weights_gib, "trainable_params": sum(p.numel() for p in s.params),
         "train_rows": len(items["train"]), "packed": packed, **result, "threads": torch.get_num_threads(),
