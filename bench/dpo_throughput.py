@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import bench_setup, llama_1b_config, matmul_flops, n_params  # noqa: E402
+from common import bench_setup, llama_1b_config, matmul_flops, n_params  # noqa: E402
 
 from medtune.config import PreferenceConfig  # noqa: E402
 from medtune.train import engine  # noqa: E402

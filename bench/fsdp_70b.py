@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import MAX_LEN, PAD, bench_setup, packed_batches, workload  # noqa: E402
 from train_shapes import RandomWeights, base_shapes, count_params, four_bit_model, llama_config  # noqa: E402
-from train_throughput import MAX_LEN, PAD, bench_setup, packed_batches, workload  # noqa: E402
 
 from medtune.train import checkpoint, engine  # noqa: E402
 from medtune.train.loss import CausalLMLoss  # noqa: E402

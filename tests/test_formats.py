@@ -225,11 +225,3 @@ def test_medmcqa_rows_wait_for_the_cop_base_and_keep_their_order(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [row(1, 2), row(2, 3)]) + "\n", encoding="utf-8")
     assert [(i.location, i.reason) for i in read_records(path)] == [
         ("hub.jsonl:1", "MedMCQA 'cop' base unknown"), ("hub.jsonl:2", "MedMCQA 'cop' base unknown")]
-
-
-def test_data_stage_imports_no_other_stage():
-    for module in (ROOT / "src" / "medtune" / "data").glob("*.py"):
-        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith(("medtune.evaluate", "medtune.train", "medtune.export",
-                                                   "medtune.infer")), f"{module.name} imports {node.module}"
