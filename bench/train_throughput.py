@@ -46,6 +46,7 @@ from medtune.train import engine  # noqa: E402
 from medtune.train.loss import IGNORE, CausalLMLoss  # noqa: E402
 from medtune.train.objectives.sft import LOSS_INPUTS, SFT, collate  # noqa: E402
 
+
 def build(attn: str, dropout: float = 0.05, dtype=torch.bfloat16, seed: int = 0):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

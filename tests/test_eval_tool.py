@@ -3,10 +3,7 @@ eval stage's independence from the GGUF folder and from the other stages."""
 
 from __future__ import annotations
 
-import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from medtune.evaluate.stats import mcnemar_exact
 from medtune.evaluate.suite import folder_name
 from medtune.ui import UI
 
-ROOT = Path(__file__).resolve().parents[1]
 MEDQA = SHARED_DATA / "medagents_benchmark" / "medqa" / "test.jsonl"
 
 

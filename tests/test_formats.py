@@ -1,7 +1,6 @@
 """Data files as people keep them: compressed, JSON documents keyed by id, and multiple-choice records as training
 data, read by one reader per format for both the data stage and evaluation."""
 
-import ast
 import bz2
 import gzip
 import json
@@ -23,7 +22,6 @@ from medtune.formats.benchmarks import load_benchmark
 from medtune.formats.files import iter_raw_records
 
 SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-ROOT = Path(__file__).resolve().parents[1]
 
 COMPRESS = {
     ".gz": gzip.compress,

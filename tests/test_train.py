@@ -323,10 +323,10 @@ def test_two_machines_match_one_process_at_the_same_global_batch(tiny_config, tm
             procs = [medtune("train", str(cfg), timeout=600)]
         else:
             port = str(free_port())
+            machines = [("train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                         "--master-port", port) for rank in (0, 1)]
             with ThreadPoolExecutor(2) as pool:  # both machines at once: each waits for the other to join
-                procs = list(pool.map(lambda rank: medtune(
-                    "train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                    "--master-port", port, timeout=600), (0, 1)))
+                procs = list(pool.map(lambda args: medtune(*args, timeout=600), machines))
         outputs = [(proc.stdout, proc.stderr) for proc in procs]
         for proc in procs:
             assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medtune import chat_templates
-from medtune.chat_formats import END_OF_TURN_TOKENS, NAMED_TEMPLATES, STOP_TOKENS
 from medtune.artifacts import atomic_write_json
+from medtune.chat_formats import END_OF_TURN_TOKENS, NAMED_TEMPLATES, STOP_TOKENS
 from medtune.errors import MedtuneError
 from medtune.hub import check_hub_access, offline
 
