@@ -20,31 +20,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
-WORDS = ("the patient presents with acute chest pain dyspnea fever renal hepatic cardiac murmur insulin glucose "
-         "sodium potassium therapy dose mg antibiotic infection biopsy lesion nerve artery vein syndrome chronic "
-         "diagnosis treatment management history examination reveals elevated decreased normal serum level of "
-         "and or is was which most likely cause mechanism because therefore option").split()
-
-
-def synthetic_file(path: Path, n: int, seed: int = 0) -> None:
-    """ReasonMed-shaped records; about 1.1 SmolLM2 tokens a word for this vocabulary."""
-    rng = np.random.default_rng(seed)
-    total = np.clip(rng.lognormal(np.log(700), 0.6, n), 160, 4096).astype(int)
-    prompt = np.minimum(rng.integers(120, 401, n), total - 40)
-    vocab = np.array(WORDS)
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(n):
-            q = " ".join(vocab[rng.integers(0, len(vocab), int(prompt[i] / 1.1))])
-            r = " ".join(vocab[rng.integers(0, len(vocab), int((total[i] - prompt[i]) / 1.1))])
-            letter = "ABCD"[i % 4]
-            fh.write(json.dumps({
-                "instruction": f"Please answer the following multiple-choice question:\nQ{i}: {q}?\n"
-                               "A. one\nB. two\nC. three\nD. four",
-                "input": "",
-                "output": f"{r}\nThe answer is {letter}.",
-            }) + "\n")
+from common import synthetic_file
 
 
 def main() -> None:

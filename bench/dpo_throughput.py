@@ -1,7 +1,7 @@
 """DPO throughput on one GPU: medtune's preference objective against TRL's DPOTrainer (+ PEFT), same pairs, same
 card, one run.
 
-Model: the Llama-3.2-1B config with random weights (bench/train_throughput.py), LoRA r8/alpha16 on q/k/v/o, dropout 0
+Model: the Llama-3.2-1B config with random weights (bench/common.py), LoRA r8/alpha16 on q/k/v/o, dropout 0
 in both (so the two can be compared step by step). Pairs: synthetic texts, prompt 120-400 tokens, chosen and rejected
 replies lognormal (median 400 tokens, sigma 0.5, 16..1500), tokenized once by TRL with the Llama-3.2 tokenizer;
 medtune trains on exactly TRL's token ids (prompt + reply, loss mask on the reply and its end token).
@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import bench_setup, llama_1b_config, matmul_flops, n_params  # noqa: E402
+from common import bench_setup, llama_1b_config, matmul_flops, n_params  # noqa: E402
 
 from medtune.config import PreferenceConfig  # noqa: E402
 from medtune.train import engine  # noqa: E402

@@ -4,7 +4,7 @@ The base (random weights, hidden 8192, 80 layers, 64/8 heads, ffn 28672, vocab 1
 builds it under `train.strategy: fsdp` + `train.qlora` (train/sharded.py): on the meta device, sharded with
 `fully_shard` per decoder layer, then each process quantizes one weight at a time (NF4 stored as bf16) and keeps its
 rows; no process ever holds the whole model. The step is the train stage's (train/engine.py), LoRA r8 q/k/v/o,
-bf16, packed 2048-token rows of bench/train_throughput.py's workload, gradient checkpointing on (turn off with
+bf16, packed 2048-token rows of bench/common.py's workload, gradient checkpointing on (turn off with
 --no-checkpointing).
 
 Checks, in order:
@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import MAX_LEN, PAD, bench_setup, packed_batches, workload  # noqa: E402
 from train_shapes import RandomWeights, base_shapes, count_params, four_bit_model, llama_config  # noqa: E402
-from train_throughput import MAX_LEN, PAD, bench_setup, packed_batches, workload  # noqa: E402
 
 from medtune.train import checkpoint, engine  # noqa: E402
 from medtune.train.loss import CausalLMLoss  # noqa: E402

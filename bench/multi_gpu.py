@@ -130,9 +130,8 @@ def main() -> None:
     parser.add_argument("--timeouts", default="400,300,240", help="seconds each run may take, in --runs order")
     args = parser.parse_args()
     timeouts = dict(zip(args.runs.split(","), map(float, args.timeouts.split(","))))
-    sys.path.insert(0, str(ROOT / "bench"))
     import torch
-    from data_throughput import synthetic_file
+    from common import synthetic_file
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

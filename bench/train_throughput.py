@@ -31,42 +31,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from medtune.data.packing import efficiency, pack  # noqa: E402
+from common import (  # noqa: E402
+    MAX_LEN,
+    PAD,
+    bench_setup,
+    llama_1b_config,
+    matmul_flops,
+    n_params,
+    packed_batches,
+    workload,
+)
+
 from medtune.train import engine  # noqa: E402
 from medtune.train.loss import IGNORE, CausalLMLoss  # noqa: E402
 from medtune.train.objectives.sft import LOSS_INPUTS, SFT, collate  # noqa: E402
-from medtune.train.parallel import Distributed  # noqa: E402
-from medtune.train.setup import Setup  # noqa: E402
-
-MAX_LEN = 2048
-EOT = 128009
-PAD = 128004
-
-
-def llama_1b_config(attn: str):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=PAD,
-        attn_implementation=attn, torch_dtype="bfloat16",
-    )
-
-
-def workload(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    total = np.minimum(np.clip(rng.lognormal(np.log(700), 0.6, n), 160, 4096).astype(int), MAX_LEN)
-    out = []
-    for t in total:
-        prompt = int(min(rng.integers(120, 401), t - 16))
-        ids = rng.integers(0, 128000, t).astype(np.int32)
-        ids[-1] = EOT
-        mask = np.r_[np.zeros(prompt, np.uint8), np.ones(t - prompt, np.uint8)]
-        out.append((ids, mask))
-    return out
 
 
 def build(attn: str, dropout: float = 0.05, dtype=torch.bfloat16, seed: int = 0):
@@ -79,35 +57,6 @@ def build(attn: str, dropout: float = 0.05, dtype=torch.bfloat16, seed: int = 0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def matmul_flops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times)
-
-
-def packed_batches(examples, rows_per_batch: int, seed: int = 0):
-    lengths = [len(ids) for ids, _ in examples]
-    rows = pack(lengths, MAX_LEN)
-    order = np.random.default_rng(seed).permutation(len(rows))
-    batches = [[[examples[i] for i in rows[j]] for j in order[k : k + rows_per_batch]]
-               for k in range(0, len(order) - rows_per_batch + 1, rows_per_batch)]
-    return batches, efficiency(lengths, rows, MAX_LEN)
 
 
 class LigerLoss(CausalLMLoss):
@@ -129,16 +78,6 @@ def parse_variant(name: str) -> dict:
             "dropout": 0.0 if "nodropout" in parts else 0.05,
             "head": "liger" if "liger" in parts else "chunked" if "chunkedce" in parts else "fused",
             "optimizer": "hf" if "hfopt" in parts else "batched", "sync_each_step": "sync" in parts}
-
-
-def bench_setup(model, loss_model, optimizer, steps: int, precision: str = "bf16",
-                device: torch.device | None = None) -> Setup:
-    """The engine's view of a model built here: one process, bf16 autocast (or fp32), a constant learning rate."""
-    return Setup(cfg=None, dist=Distributed(), device=device or torch.device("cuda"), precision=precision,
-                 model=model, loss_model=loss_model, params=[p for p in model.parameters() if p.requires_grad],
-                 weights_gib=0.0,
-                 optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                 scaler=torch.amp.GradScaler("cuda", enabled=False), window=1, total_steps=steps)
 
 
 def run_medtune(examples, attn: str, rows_per_batch: int, steps: int, warmup: int, compile_model: bool,

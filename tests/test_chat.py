@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SMOLLM2, write_jsonl
+from conftest import SMOLLM2, medtune, write_jsonl
 from rich.console import Console
 
 from medtune.engines import Engine, llama_context_size
@@ -30,9 +28,7 @@ def gguf() -> Path:
 
 
 def medtune_chat(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "1000"}  # one line per message, whatever the terminal
-    return subprocess.run([sys.executable, "-m", "medtune.cli", "chat", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return medtune("chat", *args, columns=1000, timeout=300)  # one line per message, whatever the terminal
 
 
 def generated_tokens(stderr: str) -> int:

@@ -1,12 +1,7 @@
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def medtune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medtune.cli", *args], capture_output=True, text=True, cwd=cwd)
+from conftest import medtune
 
 
 def test_help_does_not_import_heavy_libraries():

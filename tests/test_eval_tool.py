@@ -3,14 +3,11 @@ eval stage's independence from the GGUF folder and from the other stages."""
 
 from __future__ import annotations
 
-import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, medtune
 
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import load_config
@@ -21,12 +18,7 @@ from medtune.evaluate.stats import mcnemar_exact
 from medtune.evaluate.suite import folder_name
 from medtune.ui import UI
 
-ROOT = Path(__file__).resolve().parents[1]
 MEDQA = SHARED_DATA / "medagents_benchmark" / "medqa" / "test.jsonl"
-
-
-def medtune(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medtune.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +158,3 @@ def test_gguf_types_need_the_export_folder(tiny_config):
     assert stage.model_path("Q4_K_M", cfg, run) == folder / f"{cfg.export.name}-Q4_K_M.gguf"
     with pytest.raises(MedtuneError, match="Q2_K is not among export.types"):
         stage.model_path("Q2_K", cfg, run)
-
-
-def test_evaluate_imports_no_other_stage():
-    stages = ("data", "train", "merge", "export", "infer", "pairs")
-    for path in (ROOT / "src" / "medtune" / "evaluate").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                assert name.split(".")[:2] not in [["medtune", s] for s in stages], f"{path.name} imports {name}"

@@ -1,7 +1,6 @@
 """Data files as people keep them: compressed, JSON documents keyed by id, and multiple-choice records as training
 data, read by one reader per format for both the data stage and evaluation."""
 
-import ast
 import bz2
 import gzip
 import json
@@ -23,7 +22,6 @@ from medtune.formats.benchmarks import load_benchmark
 from medtune.formats.files import iter_raw_records
 
 SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-ROOT = Path(__file__).resolve().parents[1]
 
 COMPRESS = {
     ".gz": gzip.compress,
@@ -225,11 +223,3 @@ def test_medmcqa_rows_wait_for_the_cop_base_and_keep_their_order(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [row(1, 2), row(2, 3)]) + "\n", encoding="utf-8")
     assert [(i.location, i.reason) for i in read_records(path)] == [
         ("hub.jsonl:1", "MedMCQA 'cop' base unknown"), ("hub.jsonl:2", "MedMCQA 'cop' base unknown")]
-
-
-def test_data_stage_imports_no_other_stage():
-    for module in (ROOT / "src" / "medtune" / "data").glob("*.py"):
-        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith(("medtune.evaluate", "medtune.train", "medtune.export",
-                                                   "medtune.infer")), f"{module.name} imports {node.module}"

@@ -13,7 +13,7 @@ from test_train_parts import tiny_lora
 
 from medtune.config import PreferenceConfig
 from medtune.train.loss import CausalLMLoss
-from medtune.train.objectives.preference import Preference, dpo_losses, orpo_losses
+from medtune.train.objectives.preference import Preference, orpo_losses
 
 
 def random_pairs(rng: np.random.Generator, n: int, vocab: int = 300):
@@ -122,11 +122,29 @@ def test_dpo_loss_equals_trl_formula_on_a_model_batch(loss, smoothing):
 
 
 def test_rpo_adds_the_chosen_mean_nll():
-    pi_c, pi_r = torch.tensor([-30.0, -12.0]), torch.tensor([-35.0, -10.0])
-    ref_c, ref_r = torch.tensor([-31.0, -11.0]), torch.tensor([-34.0, -10.5])
-    plain, _, _ = dpo_losses(pi_c, pi_r, ref_c, ref_r, PreferenceConfig(beta=0.1))
-    expected = -F.logsigmoid(0.1 * ((pi_c - pi_r) - (ref_c - ref_r)))
-    torch.testing.assert_close(plain, expected)
+    """RPO is DPO with `nll_weight`: each pair's loss gains nll_weight x the chosen reply's mean negative
+    log-likelihood per token (from full-logits log-probabilities here), and the `nll` metric is that sum."""
+    model = tiny_lora()
+    pairs = random_pairs(np.random.default_rng(3), 4)
+    reference = np.array([[-55.0, -60.0], [-30.0, -28.0], [-70.0, -75.0], [-25.0, -45.0]])
+    with torch.no_grad():
+        logps = full_logits_logps(model, pairs)
+        results = {}
+        for weight in (0.0, 0.7):
+            objective = Preference("dpo", PreferenceConfig(beta=0.1, nll_weight=weight), pad_id=0, width=None)
+            results[weight] = objective.loss(CausalLMLoss(model), objective.collate(
+                objective.with_reference(pairs, reference)))
+    ref = torch.tensor(reference, dtype=torch.float32)
+    chosen_tokens = torch.tensor([int(c[1].sum()) for c, _, _ in pairs], dtype=torch.float32)
+    nll = -logps[:, 0] / chosen_tokens
+    plain = -F.logsigmoid(0.1 * ((logps[:, 0] - logps[:, 1]) - (ref[:, 0] - ref[:, 1])))
+    (plain_total, plain_metrics), (rpo_total, rpo_metrics) = results[0.0], results[0.7]
+    assert float(nll.min()) > 0
+    assert float(plain_total) == pytest.approx(float(plain.sum()), rel=1e-5)
+    assert float(rpo_total) == pytest.approx(float((plain + 0.7 * nll).sum()), rel=1e-5)
+    assert float(rpo_total - plain_total) == pytest.approx(0.7 * float(nll.sum()), rel=1e-4)
+    for metrics in (plain_metrics, rpo_metrics):
+        assert float(metrics[6]) == pytest.approx(float(nll.sum()), rel=1e-5)
 
 
 def test_orpo_equals_trl_formula():

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai  # dev extra: the official client is what the server must satisfy
 import pytest
-from conftest import SMOLLM2
+from conftest import SMOLLM2, medtune
 
 API_KEY = "test-key-123"
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
@@ -224,8 +224,7 @@ def test_client_leaving_a_stream_frees_the_model(server, client):
 
 
 def test_serve_refuses_a_model_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "medtune.cli", "serve", "-m", str(tmp_path)], capture_output=True,
-                            text=True, env={**os.environ, "COLUMNS": "300"}, timeout=120)
+    result = medtune("serve", "-m", str(tmp_path), columns=300, timeout=120)
     assert result.returncode == 2
     assert "serve takes a .gguf file" in result.stderr
 

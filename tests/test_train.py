@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import reasonmed_record, write_jsonl
+from conftest import medtune, reasonmed_record, write_jsonl
 
 from medtune.artifacts import RunDir
 from medtune.config import load_config
@@ -53,11 +54,6 @@ def configure(tiny_config: Path, run_dir: Path, objective: str = "sft", **train)
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def medtune(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medtune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -110,10 +106,11 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     straight = configure(tiny_config, tmp_path / "straight", objective)
     killed = configure(tiny_config, tmp_path / "killed", objective)
     for cfg in (straight, killed):
-        assert medtune("data", str(cfg)).wait() == 0
-    assert medtune("train", str(straight), *gpus).wait() == 0
+        assert medtune("data", str(cfg)).returncode == 0
+    assert medtune("train", str(straight), *gpus).returncode == 0
 
-    kill_at = random.Random().randint(4, 20)  # checkpoints every 3 steps: the last one is step (kill_at-1)//3*3
+    # checkpoints every 3 steps: the last one is step (kill_at-1)//3*3; each case has its own kill step, seeded
+    kill_at = random.Random(f"{objective}-{processes}").randint(4, 20)
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]), KILL_AT=str(kill_at))
@@ -129,7 +126,7 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_config, tmp_path
     assert not processes_running(killed)
     assert not (tmp_path / "killed" / "adapter").exists()  # nothing at a final path
     resumed = medtune("train", str(killed), *gpus)
-    out, err = resumed.communicate()
+    out, err = resumed.stdout, resumed.stderr
     assert resumed.returncode == 0, err
     assert "resuming from" in out
     assert ("reference log-probabilities" in out) is False  # computed before the kill, read back
@@ -198,7 +195,7 @@ def test_gpu_only_attention_is_refused_on_cpu(tiny_config, tmp_path, attention):
 def test_dry_run_plans_without_training(tiny_config, tmp_path, processes):
     cfg = configure(tiny_config, tmp_path / "run")
     proc = medtune("train", str(cfg), "--dry-run", "--gpus", str(processes))
-    out, err = proc.communicate()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     for key in ("tokens_per_epoch", "steps", "measured_tokens_per_s", "expected_hours", "peak_memory_gib"):
         assert out.count(key) == 1, out  # one plan, from the first process
@@ -212,14 +209,14 @@ def test_dry_run_says_whether_it_fits_before_loading(tiny_config, tmp_path):
     comes first; a run far too large for it is answered without loading the base or timing a step."""
     cfg = configure(tiny_config, tmp_path / "run", strategy="fsdp")
     proc = medtune("train", str(cfg), "--dry-run", "--gpus", "2")
-    out, err = proc.communicate()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     assert out.count("train: estimated peak") == 1, out
     assert re.search(r"fits +│ True", out) and "fsdp_gathered_layers" in out, out
     assert out.index("train: estimated peak") < out.index("measured_tokens_per_s")
     huge = configure(tiny_config, tmp_path / "huge", batch_size=10**6)
     proc = medtune("train", str(huge), "--dry-run")
-    out, err = proc.communicate()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     assert "it does not fit" in out and re.search(r"fits +│ False", out), out
     assert re.search(r"measured_tokens_per_s +│ None", out), out
@@ -261,9 +258,9 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_config, tmp_path,
     for procs, accum in ((1, 2), (2, 1)):
         cfg = configure(tiny_config, tmp_path / f"run{procs}", objective, max_steps=4, grad_accum=accum,
                         lora={"dropout": 0.0}, eval_steps=None, strategy=strategy)
-        assert medtune("data", str(cfg)).wait() == 0
+        assert medtune("data", str(cfg)).returncode == 0
         proc = medtune("train", str(cfg), "--gpus", str(procs))
-        out, err = proc.communicate()
+        out, err = proc.stdout, proc.stderr
         assert proc.returncode == 0, err[-2000:]
         assert out.count("train: running") == 1 and out.count("research and education software") == 1, out
         curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
@@ -286,9 +283,9 @@ def test_sharded_and_compiled_matches_one_plain_process(tiny_config, tmp_path):
     for procs, accum, compiled in ((1, 2, False), (2, 1, True)):
         cfg = configure(tiny_config, tmp_path / f"run{procs}", max_steps=3, grad_accum=accum, lora={"dropout": 0.0},
                         eval_steps=None, strategy="fsdp", compile=compiled)
-        assert medtune("data", str(cfg)).wait() == 0
+        assert medtune("data", str(cfg)).returncode == 0
         proc = medtune("train", str(cfg), "--gpus", str(procs))
-        _, err = proc.communicate()
+        _, err = proc.stdout, proc.stderr
         assert proc.returncode == 0, err[-2000:]
         curves[procs] = [loss for _, loss in losses(tmp_path / f"run{procs}")]
     assert len(curves[1]) == 3
@@ -300,9 +297,9 @@ def test_fsdp_refuses_what_it_cannot_shard(tiny_config, tmp_path):
     for train, message in (({"qlora": True}, "train.qlora needs a CUDA GPU"),
                            ({"lora": {"dora": True}}, "train.lora.dora does not combine with train.strategy fsdp")):
         cfg = configure(tiny_config, tmp_path / f"run{len(message)}", max_steps=2, strategy="fsdp", **train)
-        assert medtune("data", str(cfg)).wait() == 0
+        assert medtune("data", str(cfg)).returncode == 0
         proc = medtune("train", str(cfg), "--gpus", "2")
-        _, err = proc.communicate()
+        _, err = proc.stdout, proc.stderr
         assert proc.returncode == 2 and message in err and "Traceback" not in err, err[-2000:]
 
 
@@ -321,16 +318,18 @@ def test_two_machines_match_one_process_at_the_same_global_batch(tiny_config, tm
     for name, accum in (("one", 2), ("two", 1)):
         cfg = configure(tiny_config, tmp_path / name, max_steps=4, grad_accum=accum, lora={"dropout": 0.0},
                         eval_steps=None)
-        assert medtune("data", str(cfg)).wait() == 0
+        assert medtune("data", str(cfg)).returncode == 0
         if name == "one":
-            procs = [medtune("train", str(cfg))]
+            procs = [medtune("train", str(cfg), timeout=600)]
         else:
             port = str(free_port())
-            procs = [medtune("train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
-                             "127.0.0.1", "--master-port", port) for rank in (0, 1)]
-        outputs = [proc.communicate(timeout=600) for proc in procs]
-        for proc, (_, err) in zip(procs, outputs):
-            assert proc.returncode == 0, err[-2000:]
+            machines = [("train", str(cfg), "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                         "--master-port", port) for rank in (0, 1)]
+            with ThreadPoolExecutor(2) as pool:  # both machines at once: each waits for the other to join
+                procs = list(pool.map(lambda args: medtune(*args, timeout=600), machines))
+        outputs = [(proc.stdout, proc.stderr) for proc in procs]
+        for proc in procs:
+            assert proc.returncode == 0, proc.stderr[-2000:]
         curves[name] = [loss for _, loss in losses(tmp_path / name)]
         report = json.loads((tmp_path / name / "adapter" / "train_report.json").read_text())
         assert report["world_size"] == (2 if name == "two" else 1)
@@ -342,19 +341,19 @@ def test_two_machines_match_one_process_at_the_same_global_batch(tiny_config, tm
 def test_node_options_are_checked_before_anything_starts(tiny_config, tmp_path):
     cfg = configure(tiny_config, tmp_path / "run")
     proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1")
-    _, err = proc.communicate()
+    _, err = proc.stdout, proc.stderr
     assert proc.returncode == 2 and "--node-rank 2 must be below --nnodes 2" in err, err
     proc = medtune("train", str(cfg), "--nnodes", "2", "--node-rank", "1")
-    _, err = proc.communicate()
+    _, err = proc.stdout, proc.stderr
     assert proc.returncode == 2 and "--nnodes above 1 needs --master-addr HOST" in err, err
 
 
 def test_a_failing_process_of_a_multi_process_run_is_one_clear_error(tiny_config, tmp_path):
     """Both processes stop on a config this machine can't run; the launcher adds one line, no traceback."""
     cfg = configure(tiny_config, tmp_path / "run", max_steps=2, attention="flex_attention")
-    assert medtune("data", str(cfg)).wait() == 0
+    assert medtune("data", str(cfg)).returncode == 0
     proc = medtune("train", str(cfg), "--gpus", "2")
-    out, err = proc.communicate()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 2, err[-2000:]
     assert "train.attention flex_attention trains on a CUDA GPU only" in err
     assert "of 2 stopped (exit code 2)" in err
@@ -404,9 +403,9 @@ def test_objective_and_prepared_data_must_agree(tiny_config, tmp_path):
 
 def test_preference_dry_run(tiny_config, tmp_path):
     cfg = configure(tiny_config, tmp_path / "run", "dpo")
-    assert medtune("data", str(cfg)).wait() == 0
+    assert medtune("data", str(cfg)).returncode == 0
     proc = medtune("train", str(cfg), "--dry-run")
-    out, err = proc.communicate()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     assert re.search(r"objective +│ dpo ", out), out
     assert not (tmp_path / "run" / "reference").exists()  # timing needs no reference pass

@@ -103,10 +103,14 @@ def test_a_long_description_stays_on_one_line():
     assert lines(out) == [f"{long}: 0/3 (0%), 0s"]
 
 
-def test_nothing_is_shown_without_a_console():
+def test_nothing_is_shown_without_a_console(capsys):
     ui = UI()
     task = ui.task("eval", total=2)
     ui.update(task, advance=2)
     ui.tick()
     ui.finish(task)
     ui.update(None, advance=1)  # tolerated, as before
+    ui.update(task + 1, advance=1)  # a task it never opened likewise
+    assert ui._tasks[task].completed == 2 and ui._tasks[task].finished
+    assert len(ui._tasks) == 1 and ui._ticker is None  # no heartbeat thread without plain output
+    assert capsys.readouterr() == ("", "")

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -139,83 +139,6 @@ def data_command(
     raise typer.Exit(0 if report["rejected"] == 0 else 1)
 
 
-def _end_with_launcher() -> None:
-    """A process of a multi-GPU launch is killed when its launcher ends, even by SIGKILL: the launcher starts each
-    in a session of its own, and an orphan would go on training and writing into the run directory."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher ended before the line above
-        raise typer.Exit(1)
-
-
-RENDEZVOUS_TIMEOUT_S = 900  # how long the first machine waits for the others to start
-
-
-class Nodes:
-    """Where this machine stands in a launch over several machines: torchrun's static rendezvous (`--nnodes`,
-    `--node-rank`, `--master-addr`, `--master-port`); one machine is torchrun's `--standalone`."""
-
-    def __init__(self, count: int = 1, rank: int = 0, master_addr: str | None = None,
-                 master_port: int | None = None) -> None:
-        if rank >= count:
-            raise MedtuneError(f"--node-rank {rank} must be below --nnodes {count} (machines are numbered from 0)")
-        if count > 1 and master_addr is None:
-            raise MedtuneError("--nnodes above 1 needs --master-addr HOST (the address of the machine with "
-                               "--node-rank 0, reachable from every other one) and the same --master-port on each")
-        self.count, self.rank, self.master_addr, self.master_port = count, rank, master_addr, master_port or 29500
-
-    def launch_config(self, processes: int) -> Any:
-        import uuid
-
-        from torch.distributed.launcher.api import LaunchConfig
-
-        if self.count == 1:  # torchrun --standalone: a private rendezvous on a free port
-            return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                                rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={}, max_restarts=0)
-        # torchrun --nnodes N --node-rank R --master-addr HOST --master-port P: node 0 hosts the store
-        return LaunchConfig(min_nodes=self.count, max_nodes=self.count, nproc_per_node=processes,
-                            run_id="medtune", rdzv_backend="static",
-                            rdzv_endpoint=f"{self.master_addr}:{self.master_port}",
-                            rdzv_configs={"rank": self.rank, "timeout": RENDEZVOUS_TIMEOUT_S}, max_restarts=0)
-
-
-def _launch(processes: int, args: list[str], nodes: Nodes) -> None:
-    """Run `python ARGS` as N processes of this machine, joined with the other machines' (what `torchrun` does).
-    A process that fails has printed its own message; this adds one line and the exit code, not the launcher's
-    traceback."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own notes are not for users
-    share = str(max(1, (os.cpu_count() or 1) // processes))
-    os.environ.setdefault("OMP_NUM_THREADS", share)  # the machine's cores shared between the processes
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)  # torch.compile's worker pools likewise
-    total = processes * nodes.count
-    try:
-        elastic_launch(nodes.launch_config(processes), sys.executable)(*args)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        err_console.print(f"[bold red]error:[/] train: process {rank} of {total} stopped (exit code "
-                          f"{failure.exitcode}); its message is above", highlight=False, soft_wrap=True)
-        raise typer.Exit(code) from None
-    except Exception as exc:  # the rendezvous: another machine never came, or the address is wrong
-        if nodes.count == 1:
-            raise
-        err_console.print(f"[bold red]error:[/] train: machine {nodes.rank} of {nodes.count} could not join the "
-                          f"run at {nodes.master_addr}:{nodes.master_port} ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); start the "
-                          "same command with each --node-rank on its machine, with the same --nnodes, --master-addr "
-                          "and --master-port", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
 @app.command("train")
 def train_command(
     config: ConfigArg,
@@ -238,28 +161,27 @@ def train_command(
     A run directory with checkpoints of the same config resumes from the newest one. Over several machines, the
     run directory must be on storage all of them share (checkpoints and the adapter are written by the first).
     """
-    launched = "LOCAL_RANK" in os.environ  # a process of a multi-GPU launch
+    from medtune.train import launch
+
+    launched = launch.launched()  # a process of a multi-GPU launch
+    launcher = (gpus > 1 or nnodes > 1) and not launched
+    worker = launch.worker_args(config, set_)
     try:
-        nodes = Nodes(nnodes, node_rank, master_addr, master_port)
+        nodes = launch.Nodes(nnodes, node_rank, master_addr, master_port)
+        if launched:
+            launch.end_with_launcher()
+        if launcher and not dry_run:
+            launch.launch(gpus, worker, nodes)
+            return
     except MedtuneError as exc:
         _fail(exc)
-    launcher = (gpus > 1 or nnodes > 1) and not launched
-    worker = ["-m", "medtune.cli", "train", str(config), *[f"--set={item}" for item in set_ or []]]
-    if launched:
-        _end_with_launcher()
-    if launcher and not dry_run:
-        _launch(gpus, worker, nodes)
-        return
     if not dry_run:
         _run_stages(config, set_, ["train"], force=True)
         return
     _quiet_libraries()
-    import tempfile
-
     from medtune.artifacts import RunDir
     from medtune.config import load_config
     from medtune.pipeline import BY_NAME, first_process, run_stage, stage_fingerprint
-    from medtune.train.stage import run as train_run
     from medtune.ui import UI
 
     try:
@@ -270,10 +192,9 @@ def train_command(
             if not run_dir.is_current(data.folder, stage_fingerprint(data, cfg, run_dir)):
                 run_stage(data, cfg, run_dir, UI(console))
         if launcher:  # timed on the N processes the run will have
-            _launch(gpus, [*worker, "--dry-run"], nodes)
+            launch.launch(gpus, [*worker, "--dry-run"], nodes)
             return
-        with tempfile.TemporaryDirectory() as scratch:
-            plan = train_run(cfg, run_dir, Path(scratch), UI(console), dry_run=True)
+        plan = launch.dry_run(cfg, run_dir, UI(console))
     except MedtuneError as exc:
         _fail(exc)
     if not first_process():

@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from medtune import chat_templates
 from medtune.artifacts import atomic_write_json
+from medtune.chat_formats import END_OF_TURN_TOKENS, NAMED_TEMPLATES, STOP_TOKENS
 from medtune.errors import MedtuneError
 from medtune.hub import check_hub_access, offline
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Tokens that end an assistant turn, by chat format, most specific first.
-END_OF_TURN_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
-# Every id a generation may stop on (Llama 3 lists all three in its generation config).
-STOP_CANDIDATES = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 # Model families whose activations overflow float16 (Gemma's embeddings scaled by sqrt(hidden) and its large
 # residual stream: google trains and runs them in bf16 or fp32 only).
 FP16_OVERFLOW_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
@@ -130,10 +127,10 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
     vocabulary (a Llama 3 vocabulary given a ChatML template ends turns with <|im_end|>, not <|eot_id|>)."""
     vocab = tokenizer.get_vocab()
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    for token in END_OF_TURN_CANDIDATES:
+    for token in END_OF_TURN_TOKENS:
         if token in vocab and token in template:
             return token
-    for token in END_OF_TURN_CANDIDATES:
+    for token in END_OF_TURN_TOKENS:
         if token in vocab:
             return token
     if tokenizer.eos_token is None:
@@ -143,7 +140,7 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in STOP_CANDIDATES if t in vocab]
+    ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -195,7 +192,7 @@ def load_tokenizer(base: str, chat_template: str | None = None) -> PreTrainedTok
         chat_templates.apply(tokenizer, chat_template)
     if not tokenizer.chat_template:
         raise MedtuneError(f"{base}: the tokenizer has no chat template (a base model?); give it one with "
-                           f"base.chat_template ({', '.join(chat_templates.NAMED)} or a Jinja file)")
+                           f"base.chat_template ({', '.join(NAMED_TEMPLATES)} or a Jinja file)")
     ensure_pad_token(tokenizer)
     return tokenizer
 

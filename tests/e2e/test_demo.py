@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import medtune
 
 from medtune.answers import final_answer
 from medtune.config import load_config
@@ -142,9 +141,7 @@ def test_loglik_view_of_base_and_merged(demo_run):
 def test_second_run_does_no_work(demo_run):
     run_dir, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval_cache" not in p.parts}
-    cmd = [sys.executable, "-m", "medtune.cli", "run", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
-           "--set", "eval.limit=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = medtune("run", "configs/demo.yaml", "--set", f"run_dir={run_dir}", "--set", "eval.limit=8")
     assert proc.returncode == 0, proc.stderr
     for stage in ("data", "train", "merge", "export", "eval"):
         assert f"{stage}: up to date, skipped" in proc.stdout

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import medtune
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-
-
-def medtune(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "medtune.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,8 @@ def rpo_run(demo_run, tmp_path_factory) -> Path:
                  "--set", "pairs.limit=6", "--set", "pairs.max_new_tokens=64", "--set", "train.max_steps=2",
                  "--set", "train.batch_size=2"]
     for stage in ("pairs", "data", "train", "merge"):  # export and eval are the SFT chain's, tested there
-        medtune(stage, "configs/demo-rpo.yaml", *overrides)
+        proc = medtune(stage, "configs/demo-rpo.yaml", *overrides, columns=200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
 

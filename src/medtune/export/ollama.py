@@ -1,10 +1,9 @@
 """The Ollama `Modelfile`: FROM the Q4_K_M file, a Go TEMPLATE equal to the model's chat template, its stop tokens.
 
-Ollama does not run the HF (jinja) chat template; it needs a Go text/template over `.Messages`. medtune knows three
-turn formats, ChatML (`<|im_start|>role ... <|im_end|>`, SmolLM2, Qwen), Llama 3 (`<|start_header_id|>role
-<|end_header_id|> ... <|eot_id|>`) and Gemma (`<start_of_turn>user ... <end_of_turn>`, the reply's role called
-`model`, no system role: a system text is folded into the first user turn). What the HF template adds around the
-turns (a default system prompt, Llama 3.2's "Cutting Knowledge Date / Today Date" lines) is read off its own
+Ollama does not run the HF (jinja) chat template; it needs a Go text/template over `.Messages`. It is built for the
+turn formats of `medtune.chat_formats` (ChatML, Llama 3, Gemma: their markers, the reply's role name, whether a
+system text is folded into the first user turn). What the HF template adds around the turns (a default system
+prompt, Llama 3.2's "Cutting Knowledge Date / Today Date" lines) is read off its own
 rendering of probe conversations, and the Go template built from it must render every probe conversation exactly
 as the HF template does, or no Modelfile is written. Limits that Go templates impose, stated in the file: a date the
 HF template computes on the day (Llama 3.2's "Today Date") is fixed at the export date; a template that trims
@@ -14,10 +13,10 @@ message text (Llama 3, Gemma) is matched for text without leading or trailing wh
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 from typing import Any
 
 from medtune import __version__
+from medtune.chat_formats import BY_NAME, TURN_FORMATS, ChatFormat
 from medtune.config import ChatConfig
 from medtune.errors import MedtuneError
 from medtune.export import gotemplate
@@ -34,23 +33,6 @@ PROBES: tuple[list[dict[str, str]], ...] = (
      {"role": "assistant", "content": "7.35 to 7.45."}, {"role": "user", "content": "And PaCO2?"}],
     [{"role": "user", "content": "Start your answer with 'The answer is'."},
      {"role": "assistant", "content": "The answer is"}],  # an unfinished reply the model continues
-)
-
-
-@dataclass(frozen=True)
-class TurnFormat:
-    name: str
-    turn_start: str  # opens a turn; followed by the role
-    role_end: str  # between the role and the content
-    turn_end: str  # closes a turn
-    reply_role: str = "assistant"  # the role name the template writes for the assistant's turns
-    fold_system: bool = False  # no system turn: the system text opens the first user turn
-
-
-FORMATS = (
-    TurnFormat("chatml", "<|im_start|>", "\n", "<|im_end|>\n"),
-    TurnFormat("llama3", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>"),
-    TurnFormat("gemma", "<start_of_turn>", "\n", "<end_of_turn>\n", reply_role="model", fold_system=True),
 )
 
 
@@ -79,7 +61,7 @@ def ollama_values(messages: list[dict[str, str]]) -> dict[str, Any]:
     return {"System": system, "Messages": collated, "Tools": None, "Response": ""}
 
 
-def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
+def _detect(tokenizer: Any) -> tuple[ChatFormat, str, str]:
     """The turn format and what the HF template writes before the turns: (format, default system block, the
     opening of a given system turn; for a format that folds the system text into the first user turn, what
     separates the two texts)."""
@@ -87,7 +69,7 @@ def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
     plain = _hf_render(tokenizer, [{"role": "user", "content": PROBE_USER}])
     with_system = _hf_render(tokenizer, [{"role": "system", "content": PROBE_SYSTEM},
                                          {"role": "user", "content": PROBE_USER}])
-    for fmt in FORMATS:
+    for fmt in TURN_FORMATS:
         if fmt.turn_start not in vocab:
             continue
         user_open = f"{fmt.turn_start}user{fmt.role_end}"
@@ -104,14 +86,15 @@ def _detect(tokenizer: Any) -> tuple[TurnFormat, str, str]:
                 return fmt, default_system, separator
         elif after == fmt.turn_end + user_turn + reply_start:
             return fmt, default_system, system_open
+    known = [f"{f.title} ({f.turn_start})" for f in TURN_FORMATS]
     raise MedtuneError(
-        "export: the model's chat template is neither ChatML (<|im_start|>), Llama 3 (<|start_header_id|>) nor "
-        "Gemma (<start_of_turn>) as medtune knows them, so no Ollama Modelfile can be written that is known to match "
-        "it; run the export with ollama=False, or add the format to medtune/export/ollama.py"
+        f"export: the model's chat template is neither {', '.join(known[:-1])} nor {known[-1]} as medtune knows them, "
+        "so no Ollama Modelfile can be written that is known to match it; run the export with ollama=False, or add "
+        "the format to medtune/chat_formats.py"
     )
 
 
-def go_template(fmt: TurnFormat, default_system: str, system_open: str) -> str:
+def go_template(fmt: ChatFormat, default_system: str, system_open: str) -> str:
     """A Go TEMPLATE over `.Messages` that renders turns like the HF template (literal text never touches a `{{-`,
     so trimming only removes the line breaks that lay the template out)."""
     start, role_end, end = fmt.turn_start, fmt.role_end, fmt.turn_end
@@ -133,7 +116,7 @@ def go_template(fmt: TurnFormat, default_system: str, system_open: str) -> str:
     return "\n".join(lines)
 
 
-def _folded_go_template(fmt: TurnFormat, prefix: str, separator: str) -> str:
+def _folded_go_template(fmt: ChatFormat, prefix: str, separator: str) -> str:
     """Gemma's shape: system messages are not turns; `.System` (every system text, joined) opens the first user turn
     when the conversation starts with a system message; the assistant's turns are written with `fmt.reply_role`."""
     start, role_end, end, reply = fmt.turn_start, fmt.role_end, fmt.turn_end, fmt.reply_role
@@ -177,7 +160,7 @@ def chat_template_for_ollama(tokenizer: Any) -> tuple[str, dict[str, Any]]:
 def stop_tokens(tokenizer: Any, fmt_name: str) -> list[str]:
     """Every end-of-turn token, plus the token that opens a new turn (a model that starts one is done)."""
     tokens = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
-    opener = next(f.turn_start for f in FORMATS if f.name == fmt_name)
+    opener = BY_NAME[fmt_name].turn_start
     return list(dict.fromkeys([*tokens, opener]))
 
 

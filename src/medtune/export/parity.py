@@ -26,9 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-# Tokens that mean something to some chat format; those a tokenizer lacks must come out as plain text.
-FOREIGN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>",
-                    "<|end_header_id|>", "<|endoftext|>", "<s>", "</s>", "[INST]", "<end_of_turn>", "<|end|>")
+from medtune.chat_formats import ALL_MARKERS, STOP_TOKENS
+
 MIN_PARITY_TEXTS = 200
 PACK_WIDTH = 256  # ids per sequence in the logit comparison
 LOGIT_POSITIONS = 1024  # positions compared
@@ -175,10 +174,8 @@ over fifty, to make sure that an underlying tumour has not been missed.
 
 def specials_of(tokenizer: Any) -> list[str]:
     """The tokenizer's own special and added tokens (a sample when there are many), end-of-turn tokens first."""
-    from medtune.models import STOP_CANDIDATES
-
     vocab = tokenizer.get_vocab()
-    found = [t for t in STOP_CANDIDATES if t in vocab]
+    found = [t for t in STOP_TOKENS if t in vocab]
     found += [t for t in tokenizer.all_special_tokens if t not in found]
     found += [t for t in tokenizer.get_added_vocab() if t not in found]
     return found[:MAX_SPECIALS]
@@ -190,7 +187,8 @@ def parity_texts(specials: Sequence[str], chat: Any = None) -> list[str]:
     Deterministic: the same tokenizer always gets the same texts.
     """
     texts = [*MEDICAL, *UNICODE, *WHITESPACE, *DIGITS, *CODE]
-    for token in [*specials, *(t for t in FOREIGN_SPECIALS if t not in specials)]:
+    # every chat format's markers: those a tokenizer lacks must come out as plain text
+    for token in [*specials, *(t for t in ALL_MARKERS if t not in specials)]:
         texts += [token, f"before{token}after", f" {token} ", f"{token}\n\nNext line", f"Q: why?{token}{token}"]
     if chat is not None:
         texts += [chat(messages) for messages in CONVERSATIONS]
