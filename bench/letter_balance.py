@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from medtune.data.prepare import balanced  # noqa: E402
 from medtune.data.sources import Conversation, read_records  # noqa: E402
+from medtune.data.stage import balanced  # noqa: E402
 from medtune.formats.relabel import Balancer, LetterStats  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))

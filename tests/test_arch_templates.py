@@ -104,7 +104,7 @@ def test_fp16_is_refused_for_a_model_that_overflows_in_it(tmp_path):
     from transformers import Gemma3TextConfig
 
     from medtune.config import Config
-    from medtune.merge import merge_dtype
+    from medtune.merge.stage import merge_dtype
     from medtune.train.setup import pick_precision
 
     with pytest.raises(MedtuneError, match="gemma3_text models overflow in float16"):

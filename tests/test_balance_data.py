@@ -15,8 +15,8 @@ from medtune.answers import final_answer
 from medtune.artifacts import RunDir
 from medtune.config import load_config
 from medtune.data.formatting import ChatFormatter
-from medtune.data.prepare import is_validation
 from medtune.data.sources import Conversation, read_records
+from medtune.data.stage import is_validation
 from medtune.models import load_tokenizer
 from medtune.pipeline import BY_NAME, run_stage
 from medtune.ui import UI

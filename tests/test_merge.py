@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtune import merge
 from medtune.artifacts import RunDir, write_manifest
 from medtune.config import Config
 from medtune.errors import MedtuneError
+from medtune.merge import stage as merge
 from medtune.ui import UI
 
 PROMPTS = ["Which vitamin deficiency causes scurvy?", "Name one beta-blocker."]

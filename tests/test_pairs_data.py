@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from medtune.artifacts import RunDir
 from medtune.config import load_config
-from medtune.data import prepare
+from medtune.data import stage as prepare
 from medtune.data.formatting import ChatFormatter
-from medtune.data.pairs import Pair, encode_pairs, read_pairs
+from medtune.data.pair_records import Pair, encode_pairs, read_pairs
 from medtune.errors import MedtuneError
 from medtune.prepared import load_split
 from medtune.ui import UI

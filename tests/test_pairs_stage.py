@@ -14,11 +14,11 @@ import pytest
 import yaml
 from conftest import SHARED_DATA, write_jsonl
 
-from medtune import pairs
 from medtune.answers import extract_letter, question_options
 from medtune.artifacts import RunDir
 from medtune.config import load_config
 from medtune.errors import MedtuneError
+from medtune.pairs import stage as pairs
 from medtune.pipeline import BY_NAME, active_stages, run_stage, stage_fingerprint
 from medtune.ui import UI
 

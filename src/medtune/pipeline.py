@@ -36,10 +36,10 @@ class Stage:
 
 STAGES = (
     # only with a `pairs` section; then data reads pairs/pairs.jsonl (see `active` and `upstream_of`)
-    Stage("pairs", "pairs", None, ("pairs", "base", "seed"), "medtune.pairs"),
-    Stage("data", "prepared", "pairs", ("base", "data", "seed"), "medtune.data.prepare"),
+    Stage("pairs", "pairs", None, ("pairs", "base", "seed"), "medtune.pairs.stage"),
+    Stage("data", "prepared", "pairs", ("base", "data", "seed"), "medtune.data.stage"),
     Stage("train", "adapter", "data", ("train", "seed"), "medtune.train.stage"),
-    Stage("merge", "merged", "train", ("merge", "chat"), "medtune.merge"),
+    Stage("merge", "merged", "train", ("merge", "chat"), "medtune.merge.stage"),
     Stage("export", "gguf", "merge", ("export",), "medtune.export.stage"),
     Stage("eval", "eval", "export", ("eval", "chat"), "medtune.evaluate.stage"),
 )

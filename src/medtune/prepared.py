@@ -1,4 +1,4 @@
-"""The prepared folder's format: written by the data stage (data/prepare.py), read here by training.
+"""The prepared folder's format: written by the data stage (data/stage.py), read here by training.
 
   {split}.ids.npy, {split}.mask.npy, {split}.offsets.npy   flat int32 token ids, uint8 loss mask, int64 offsets
   {split}.packs.npy, {split}.pack_offsets.npy              with data.packing: example indices of each packed row

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medtune.data.pairs import Pair, file_record_kind, read_pairs
+from medtune.data.pair_records import Pair, file_record_kind, read_pairs
 from medtune.data.sources import DEFAULT_MAX_CHARS, Conversation, read_records
 from medtune.errors import MedtuneError
 

@@ -1,4 +1,4 @@
-"""What the data stage's two record kinds (conversations: prepare.py; preference pairs: pairs.py) share: the source
+"""What the data stage's two record kinds (conversations: stage.py; preference pairs: pair_records.py) share: the source
 path, the contamination guard, batching, length percentiles and the writer of a split's arrays."""
 
 from __future__ import annotations

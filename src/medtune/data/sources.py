@@ -27,8 +27,8 @@ as that schema):
   evaluation benchmarks (`medtune.formats.choice`) and rendered as ReasonMed records: the question with its lettered
   options (and PubMedQA's abstract as the input), answered by the explanation when the record has one and always a
   final line "The answer is X.".
-- `pairs`: preference pairs (`chosen`, `rejected`), read by data/pairs.py when train.objective is dpo or orpo; read
-  here (an SFT run), each is rejected with a reason that says so.
+- `pairs`: preference pairs (`chosen`, `rejected`), read by data/pair_records.py when train.objective is dpo or
+  orpo; read here (an SFT run), each is rejected with a reason that says so.
 
 Auto-detection looks at the keys with a non-null value first (then at null ones), in this order: `chosen` or
 `rejected` (pairs); `messages`; `conversations` (ShareGPT when its first turn has `from` or `value`); any of
@@ -179,7 +179,7 @@ def _turns(obj: dict[str, Any], field: str, role_key: str, content_key: str) -> 
 
 
 def _preference_pair(obj: dict[str, Any]) -> Messages:
-    """Pairs are read by data/pairs.py, in runs that train on them."""
+    """Pairs are read by data/pair_records.py, in runs that train on them."""
     raise _BadRecord("a preference pair: set train.objective to dpo or orpo to train on pairs")
 
 

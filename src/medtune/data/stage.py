@@ -16,7 +16,7 @@ With data.balance_letters (the default) multiple-choice conversations are re-let
 (`medtune.formats.relabel`), so that their gold letters come out uniform; report.json's `letters` says how many were
 re-lettered, kept as they were and why, and the gold-letter shares before and after.
 
-With train.objective dpo or orpo the records are preference pairs, prepared by data/pairs.py into the same files.
+With train.objective dpo or orpo the records are preference pairs, prepared by data/pair_records.py into the same files.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def is_validation(conv: Conversation, seed: int, fraction: float) -> bool:
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     """Prepare the data into `out` (an empty folder); return the report."""
     if cfg.train.objective != "sft":
-        from medtune.data.pairs import prepare_pairs  # pairs.py builds on this module's writer
+        from medtune.data.pair_records import prepare_pairs  # pair_records.py builds on this module's writer
 
         return prepare_pairs(cfg, out, ui)
     if cfg.data.schema_ == "pairs":
