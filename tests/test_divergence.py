@@ -56,6 +56,7 @@ def test_retention():
     assert divergence.retention(0.4, 0.4) == 0.0  # as far from F16 as the base
     assert divergence.retention(0.6, 0.4) == pytest.approx(-0.5)  # further than the base: negative
     assert divergence.retention(0.01, 0.0) is None  # the tuning moved nothing: no ratio
+    assert divergence.retention(0.0065, 0.0044) is None  # less than MIN_BASE_KLD: a ratio of noise
 
 
 def test_held_out_keeps_whole_conversations_up_to_the_budget():

@@ -6,8 +6,9 @@ that passed every other check, the smallest one that keeps the tuning:
 - `retention >= MIN_RETENTION` (0.90): the file's KL divergence from the tuned F16 file is at most a tenth of the
   base model's. Below that, a user runs noticeably less of their fine-tune than they trained; the demo's tuning
   moves the distributions a lot (the base's KL from F16 is large), so a tenth is still a visible shift;
-- `mean_kld <= MAX_MEAN_KLD` (0.10 nats): an absolute bound, for runs whose tuning moved little (retention then
-  divides by a small number) and so that a file is never far from F16 whatever the base. llama.cpp's README gives
+- `mean_kld <= MAX_MEAN_KLD` (0.10 nats): an absolute bound, so that a file is never far from F16 whatever the
+  base, and the only one when the tuning moved the distributions too little for a ratio (retention is None below
+  `divergence.MIN_BASE_KLD`). llama.cpp's README gives
   about 0.03 for Llama-3-8B Q4_K_M; small models lose more to the same bits (BENCHMARKS.md, "Which file keeps the
   tuning?", has the measured values);
 - a file without divergence numbers (the reference itself, F16 or BF16) passes both: it is the tuned model.
