@@ -31,10 +31,13 @@ CONFIGS = {"demo": ROOT / "configs" / "demo.yaml", "gemma3": ROOT / "configs" / 
 VARIANTS = {"plain": "off", "imatrix": "on"}
 
 
-def _file_numbers(r: dict[str, Any]) -> dict[str, Any]:
+def _file_numbers(r: dict[str, Any], base_kld: float | None) -> dict[str, Any]:
+    from medtune.export.divergence import retention
+
     d = r.get("divergence") or {}
+    kept = None if base_kld is None or d.get("mean_kld") is None else retention(d["mean_kld"], base_kld)
     return {"mean_kld": d.get("mean_kld"), "p99_kld": d.get("p99_kld"), "same_top": d.get("same_top"),
-            "retention": d.get("retention"), "ppl_diff": d.get("ppl_diff"), "size_bytes": r["bytes"],
+            "retention": kept, "ppl_diff": d.get("ppl_diff"), "size_bytes": r["bytes"],
             "seconds": r["seconds"], "stops": r["stops"], "imatrix": r.get("imatrix", False),
             "fallback": r.get("fallback"), "stop_problems": r.get("stop_problems", [])}
 
@@ -61,39 +64,48 @@ def measure(name: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     run: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "run_dir": str(run_dir), "overrides": overrides,
                            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "command": " ".join(sys.argv)}
     for variant, setting in VARIANTS.items():
-        results = export_variant(CONFIGS[name], run_dir, setting, overrides)
-        for gguf_type, r in results["files"].items():
-            if "divergence" in r:
-                per_type.setdefault(gguf_type, {})[variant] = _file_numbers(r)
-        run[variant] = {"export_seconds": results["export_seconds"], "imatrix": results["imatrix"],
-                        "divergence": {k: v for k, v in results["divergence"].items() if k != "base"},
-                        "base_kld": (results["divergence"].get("base") or {}).get("mean_kld"),
-                        "recommended": results["recommended"]["file"], "warnings": results["warnings"]}
+        add_variant(per_type, run, variant, export_variant(CONFIGS[name], run_dir, setting, overrides))
     return {"_run": run, **per_type}
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
+def add_variant(per_type: dict[str, Any], run: dict[str, Any], variant: str, results: dict[str, Any]) -> None:
+    """One export's numbers (a stage result or a manifest's `results`) as the `variant` column of each type."""
+    base_kld = (results["divergence"].get("base") or {}).get("mean_kld")
+    for gguf_type, r in results["files"].items():
+        if "divergence" in r:
+            per_type.setdefault(gguf_type, {})[variant] = _file_numbers(r, base_kld)
+    run[variant] = {"export_seconds": results.get("export_seconds"), "imatrix": results["imatrix"],
+                    "divergence": {k: v for k, v in results["divergence"].items() if k != "base"},
+                    "base_kld": base_kld, "recommended": results["recommended"]["file"],
+                    "warnings": results["warnings"]}
+
+
+def _both(p: dict[str, Any], m: dict[str, Any], key: str, fmt: str) -> str:
+    def one(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "NO"
+        return format(v, fmt)
+    return f"{one(p.get(key))} / {one(m.get(key))}"
 
 
 def table(data: dict[str, Any]) -> str:
     """The markdown table BENCHMARKS.md shows: one row per config and type, plain and imatrix side by side."""
-    lines = ["| config | type | size MB | mean KLD plain / imatrix | change | p99 KLD plain / imatrix | same top "
-             "plain / imatrix | retention plain / imatrix | stops plain / imatrix | quantize s plain / imatrix |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| config | type | size MB | mean KLD plain / imatrix | change | p99 KLD | same top | retention | "
+             "ppl diff | stops | quantize s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for config, types in data.items():
         for gguf_type, v in types.items():
             if gguf_type.startswith("_"):
                 continue
-            p, m = v["plain"], v.get("imatrix", {})
+            p, m = v.get("plain", {}), v.get("imatrix", {})
             change = ("-" if not p.get("mean_kld") or m.get("mean_kld") is None
                       else f"{m['mean_kld'] / p['mean_kld'] - 1:+.1%}")
-            lines.append(
-                f"| {config} | {gguf_type} | {p['size_bytes'] / 1e6:.1f} | {p['mean_kld']:.4f} / "
-                f"{m.get('mean_kld', float('nan')):.4f} | {change} | {p['p99_kld']:.3f} / "
-                f"{m.get('p99_kld', float('nan')):.3f} | {_pct(p['same_top'])} / {_pct(m.get('same_top'))} | "
-                f"{_pct(p['retention'])} / {_pct(m.get('retention'))} | {'yes' if p['stops'] else 'NO'} / "
-                f"{'yes' if m.get('stops') else 'NO'} | {p['seconds']} / {m.get('seconds')} |")
+            size = (p or m)["size_bytes"] / 1e6
+            lines.append(f"| {config} | {gguf_type} | {size:.1f} | {_both(p, m, 'mean_kld', '.4f')} | {change} | "
+                         f"{_both(p, m, 'p99_kld', '.3f')} | {_both(p, m, 'same_top', '.1%')} | "
+                         f"{_both(p, m, 'retention', '.1%')} | {_both(p, m, 'ppl_diff', '+.3f')} | "
+                         f"{_both(p, m, 'stops', '')} | {_both(p, m, 'seconds', '.1f')} |")
     return "\n".join(lines)
 
 
@@ -103,8 +115,17 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, every run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quant_quality.json")
     parser.add_argument("--table", action="store_true", help="print --out as BENCHMARKS.md's table and stop")
+    parser.add_argument("--from-manifest", nargs=3, action="append", default=[],
+                        metavar=("CONFIG", "VARIANT", "MANIFEST"),
+                        help="take VARIANT (plain or imatrix) of CONFIG from an export's gguf/manifest.json "
+                             "(`medtune export CONFIG --set export.imatrix=off|on`) instead of exporting again")
     args = parser.parse_args()
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for name, variant, manifest in args.from_manifest:
+        entry = data.setdefault(name, {"_run": {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                                                "machine": f"{platform.machine()} {os.cpu_count()} cpus"}})
+        add_variant(entry, entry["_run"], variant, json.loads(Path(manifest).read_text())["results"])
+        entry["_run"][variant]["manifest"] = manifest
     if args.table:
         print(table(data))
         return
@@ -113,6 +134,9 @@ def main() -> None:
         if name not in CONFIGS or not run_dir:
             parser.error(f"{spec!r}: expected CONFIG=RUN_DIR with CONFIG one of {list(CONFIGS)}")
         data[name] = measure(name, Path(run_dir).resolve(), args.overrides)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if args.from_manifest:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(table(data))
