@@ -1,7 +1,8 @@
 """HF -> GGUF conversion and quantization with the very llama.cpp that runs the files.
 
 The converter (`convert_hf_to_gguf.py`, its `conversion/` package and its own `gguf-py`) is taken from the source
-archive of the installed llama-cpp-python version, fetched from PyPI once and cached under
+archive of the installed llama-cpp-python version, fetched from PyPI once and kept in `$MEDTUNE_CACHE/llama.cpp/`
+(llama.cpp's tools are built from the same archive: `medtune.export.tools`), the converter unpacked under
 `$MEDTUNE_CACHE/llama.cpp/<version>/`. Converter and runtime therefore always come from the same llama.cpp commit,
 no git clone is needed, and PyPI is the only network access. The converter runs in its own process with its own
 `gguf-py` first on the path, so it never mixes with the PyPI `gguf` package that transformers uses.
