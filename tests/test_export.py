@@ -179,10 +179,29 @@ with run_dir.atomic("gguf") as out:  # as medtune.pipeline.run_stage does
 """
 
 
-def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path, tiny_base):
+def write_prepared(folder: Path, tokenizer, n_train: int = 24, n_val: int = 4) -> None:
+    """A prepared/ folder as the data stage writes it: chat-rendered conversations' ids per split."""
+    import numpy as np
+    from conftest import reasonmed_record
+
+    folder.mkdir(parents=True)
+    for split, records in (("train", range(n_train)), ("val", range(100, 100 + n_val))):
+        rows = []
+        for i in records:
+            r = reasonmed_record(i)
+            messages = [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            rows.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        np.save(folder / f"{split}.ids.npy", np.concatenate(rows).astype(np.int32))
+        np.save(folder / f"{split}.mask.npy", np.ones(sum(map(len, rows)), dtype=np.uint8))
+        np.save(folder / f"{split}.offsets.npy", np.cumsum([0, *map(len, rows)]).astype(np.int64))
+    write_manifest(folder, "data", "test", {}, {})
+
+
+def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path, tiny_base, smollm2_tokenizer):
     run_dir = RunDir(tmp_path / "run")
     shutil.copytree(tiny_base, run_dir / "merged")
     write_manifest(run_dir / "merged", "merge", "test", {}, {})
+    write_prepared(run_dir / "prepared", smollm2_tokenizer)
     cfg = {"name": "tiny", "run_dir": str(run_dir.root), "base": {"model": str(tiny_base)},
            "data": {"path": str(tmp_path / "unused.jsonl")},
            "export": {"name": "tiny", "types": ["F16", "Q8_0", "Q4_K_M"]},
@@ -207,8 +226,8 @@ def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(run_dir.root.glob(".gguf.*"))  # the killed run's leftovers are gone
     names = sorted(p.name for p in (run_dir / "gguf").iterdir())
-    assert names == ["Modelfile", "README.md", "manifest.json", "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf",
-                     "tiny-fp16.gguf"]
+    assert names == ["Modelfile", "README.md", "imatrix.gguf", "manifest.json", "tiny-Q4_K_M.gguf",
+                     "tiny-Q8_0.gguf", "tiny-fp16.gguf"]
     manifest = json.loads((run_dir / "gguf" / "manifest.json").read_text())
     results = manifest["results"]
     assert results["problems"] == [] and set(results["files"]) == {"F16", "Q8_0", "Q4_K_M"}
@@ -216,13 +235,31 @@ def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path
     assert f16["logits"]["positions"] > 0 and "logits" not in q4
     assert "relative_to_float" in q4["perplexity"] and "relative_to_float" not in f16["perplexity"]
     assert f16["tokenizer"]["texts"] >= 200 and f16["metadata"]["problems"] == []
-    assert results["ollama"]["from"] == "tiny-Q4_K_M.gguf"
+    # the importance matrix: llama-imatrix on the training conversations, used by Q4_K_M only
+    matrix = results["imatrix"]
+    assert matrix["used"] and matrix["source"].startswith("the training split") and matrix["file"] == "imatrix.gguf"
+    assert matrix["conversations"] == 24 and matrix["tokens"] >= 1024 and matrix["chunks"] >= 2
+    assert q4["imatrix"] and not results["files"]["Q8_0"]["imatrix"]
+    # divergence from F16 on the validation conversations; the merged model is its base: nothing to retain
+    div = results["divergence"]
+    assert div["reference"] == "tiny-fp16.gguf" and div["text"].startswith("prepared/val: 4 of 4")
+    assert div["base"]["mean_kld"] == pytest.approx(0.0, abs=1e-3) and div["positions"] > 100
+    for t in ("Q8_0", "Q4_K_M"):
+        d = results["files"][t]["divergence"]
+        assert d["positions"] == div["positions"] and 0 <= d["mean_kld"] <= d["p99_kld"] <= d["max_kld"]
+        assert 0 < d["same_top"] <= 1 and "ppl_diff" in d
+    assert results["files"]["Q8_0"]["divergence"]["mean_kld"] < q4["divergence"]["mean_kld"]
+    assert q4["fallback"] == {"matrices": q4["fallback"]["matrices"], "fallback": 0, "fallback_types": {},
+                              "most": False}  # 256-wide rows: no K-quant falls back
+    chosen = results["recommended"]
+    assert chosen["type"] in results["files"] and results["ollama"]["from"] == chosen["file"]
     modelfile = (run_dir / "gguf" / "Modelfile").read_text().splitlines()
     assert "PARAMETER temperature 0.3" in modelfile and "PARAMETER top_p 0.85" in modelfile  # the config's chat
     assert {f["path"] for f in manifest["files"]} >= {"tiny-fp16.gguf", "Modelfile", "README.md"}
     card = (run_dir / "gguf" / "README.md").read_text()
     assert "not a medical device" in card and "see the base model card" in card and "Apache-2.0" in card
     assert "Not available when these files were written" in card
+    assert f"Use `{chosen['file']}`" in card and f"FROM ./{chosen['file']}" in modelfile
 
 
 def test_model_card_names_licences_numbers_and_the_disclaimer(tmp_path):

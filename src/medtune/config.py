@@ -170,6 +170,20 @@ class ExportConfig(Section):
     types: list[str] = ["F16", "Q8_0", "Q5_K_M", "Q4_K_M"]
     check_prompt: str = "Which organ produces insulin? Answer in one sentence."
     ollama: bool = True  # write the Ollama Modelfile (ChatML and Llama 3 chat templates)
+    # importance matrix for the types llama.cpp weighs with one (K-quants): `on` calibrates it on the run's training
+    # conversations with llama-imatrix, `off` quantizes without, or the path of an existing imatrix file
+    imatrix: Literal["on", "off"] | Path = "on"
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _imatrix_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads a bare on / off as a boolean
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("on", "off", "true", "false", "yes", "no"):
+            return "on" if value.strip().lower() in ("on", "true", "yes") else "off"
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("expected on, off or the path of an imatrix file")
+        return value
 
     @field_validator("types")
     @classmethod
@@ -296,6 +310,8 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
         cfg.data.path = resolve(cfg.data.path)
     for bench in cfg.eval.benchmarks:
         bench.path = resolve(bench.path)
+    if isinstance(cfg.export.imatrix, Path):
+        cfg.export.imatrix = resolve(cfg.export.imatrix)
     base = cfg.base.model
     if base.startswith((".", "/")) and not base.startswith("pkg:"):
         cfg.base.model = str(resolve(Path(base)))
@@ -314,6 +330,9 @@ def _check_files(cfg: Config, source: str) -> None:
     for i, bench in enumerate(cfg.eval.benchmarks):
         if not bench.path.is_file():
             raise MedtuneError(f"{source}: eval.benchmarks[{i}].path: file not found: {bench.path}")
+    if isinstance(cfg.export.imatrix, Path) and not cfg.export.imatrix.is_file():
+        raise MedtuneError(f"{source}: export.imatrix: file not found: {cfg.export.imatrix} (use on, off or the path "
+                           "of an imatrix file)")
     base = cfg.base.model
     if base.startswith("/") and not Path(base).exists():
         raise MedtuneError(f"{source}: base.model: path not found: {base}")

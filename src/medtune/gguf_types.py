@@ -22,6 +22,15 @@ class GGUFType:
     max_ppl_increase: float
     ollama_rank: int  # the Modelfile runs the exported type of lowest rank (Q4_K_M: small, close to the float file)
 
+    @property
+    def uses_imatrix(self) -> bool:
+        """llama.cpp weighs this type's rounding by an importance matrix when given one (Q8_0 ignores it)."""
+        return not self.is_float and self.name != "Q8_0"
+
+    @property
+    def is_k_quant(self) -> bool:
+        return self.weights.endswith("_K")
+
 
 TYPES = (
     GGUFType("F16", "fp16", True, "F16", frozenset(), 0.01, 9),
@@ -40,6 +49,19 @@ TYPES = (
 )
 BY_NAME = {t.name: t for t in TYPES}
 NAMES = tuple(BY_NAME)
+# What a K-quant recipe stores a matrix as when its rows are not a multiple of 256 values (QK_K), e.g. SmolLM2's
+# 576-wide rows: llama.cpp's per-tensor fallback to the 32-value block types.
+LEGACY_FALLBACKS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
+
+
+def fallback(type_name: str, matrix_types: dict[str, int]) -> dict[str, object] | None:
+    """For a K-quant file, how many of its matrices fell back to a legacy type, by type; None for other types."""
+    if not BY_NAME[type_name].is_k_quant:
+        return None
+    fell = {t: n for t, n in sorted(matrix_types.items()) if t in LEGACY_FALLBACKS}
+    total = sum(matrix_types.values())
+    return {"matrices": total, "fallback": sum(fell.values()), "fallback_types": fell,
+            "most": sum(fell.values()) * 2 > total}
 
 
 def file_name(name: str, type_name: str) -> str:

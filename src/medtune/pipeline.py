@@ -90,6 +90,8 @@ def stage_fingerprint(stage: Stage, cfg: Config, run_dir: RunDir) -> str:
     if stage.name == "eval" or (stage.name == "data" and cfg.data.contamination != "ignore"):
         # the data stage checks records against the benchmarks: a changed benchmark file changes its result
         parts["inputs"] = [_file_hash(run_dir, b.path) for b in cfg.eval.benchmarks]
+    if stage.name == "export" and isinstance(cfg.export.imatrix, Path):  # a new matrix in the same file re-exports
+        parts["imatrix"] = _file_hash(run_dir, cfg.export.imatrix)
     if stage.name == "pairs" and cfg.pairs is not None:
         # its questions, the benchmarks it refuses questions of, and the sampling model's own fingerprint when the
         # model is an earlier run's merged/ folder (rebuilt there, its samples here are stale)

@@ -19,6 +19,37 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _print_files(results: dict[str, Any], console: Any) -> None:
+    """Each GGUF file's divergence from F16 and the tuning it keeps, fallbacks, and the file to use."""
+    from rich.table import Table
+
+    if "divergence" not in results:  # an export from before these checks
+        return
+    div = results["divergence"]
+    table = Table(title=f"GGUF files vs {div['reference']} on {div['text']} ({div['positions']} positions)")
+    for column in ("file", "size", "mean KLD", "p99 KLD", "same top", "ppl diff", "tuning kept", "stops", "note"):
+        table.add_column(column, justify="left" if column in ("file", "note") else "right")
+    for r in results["files"].values():
+        d = r.get("divergence") or {}
+        fell = r.get("fallback") or {}
+        note = (f"{fell['fallback']} of {fell['matrices']} matrices " + "/".join(fell["fallback_types"])
+                if fell.get("most") else "")
+        note += " imatrix" if r.get("imatrix") else ""
+        table.add_row(r["file"], _size(r["bytes"]), *(
+            "-" if d.get(k) is None else f"{d[k]:{fmt}}" for k, fmt in (
+                ("mean_kld", ".4f"), ("p99_kld", ".4f"), ("same_top", ".1%"), ("ppl_diff", "+.3f"),
+                ("retention", ".1%"))), "yes" if r.get("stops", True) else "NO", note.strip())
+    console.print(table)
+    recommended = results.get("recommended") or {}
+    if recommended.get("file"):
+        console.print(f"[bold]Use {recommended['file']}[/]: {recommended['why']}", highlight=False)
+    for gguf_type, reason in (recommended.get("rejected") or {}).items():
+        console.print(f"  not {results['files'][gguf_type]['file']}: {reason}", highlight=False, markup=False)
+    imatrix = results.get("imatrix") or {}
+    if imatrix and not imatrix.get("used") and imatrix.get("setting") != "off":
+        console.print(f"  no importance matrix: {imatrix.get('reason')}", highlight=False, markup=False)
+
+
 def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
     from rich.table import Table
 
@@ -38,7 +69,9 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
     export = run_dir.manifest("gguf")
     if export:
         files = export["results"]["files"]
-        sample_type = "Q4_K_M" if "Q4_K_M" in files else next(iter(files))
+        recommended = export["results"].get("recommended") or {}
+        sample_type = recommended.get("type") or ("Q4_K_M" if "Q4_K_M" in files else next(iter(files)))
+        _print_files(export["results"], console)
         sample = files[sample_type]
         console.print(f"\n[bold]Sample answer from {sample['file']}[/] to: {cfg.export.check_prompt!r}")
         console.print(sample["runtime"]["text"].strip(), markup=False, highlight=False)

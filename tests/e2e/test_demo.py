@@ -24,7 +24,17 @@ def test_summary_lists_artifacts_and_a_sample_answer(demo_run):
     run_dir, proc = demo_run
     for stage in ("data", "train", "merge", "export", "eval"):
         assert f"{stage}: running" in proc.stdout
-    assert "Sample answer from smollm2-135m-medical-demo-Q4_K_M.gguf" in proc.stdout
+    export = json.loads((run_dir / "gguf" / "manifest.json").read_text())["results"]
+    chosen = export["recommended"]
+    assert chosen["file"] in {r["file"] for r in export["files"].values() if r["stops"]}
+    assert f"Use {chosen['file']}" in proc.stdout and f"Sample answer from {chosen['file']}" in proc.stdout
+    # the demo's tuning is large next to what a file loses: every quantized file's numbers are in the summary
+    assert export["imatrix"]["used"] and "mean KLD" in proc.stdout and "tuning kept" in proc.stdout
+    for t in ("Q8_0", "Q5_K_M", "Q4_K_M"):
+        d = export["files"][t]["divergence"]
+        assert d["positions"] == export["divergence"]["positions"] > 500 and 0 < d["mean_kld"] < 1
+        assert d["retention"] is not None and export["divergence"]["base"]["mean_kld"] > d["mean_kld"]
+    assert export["files"]["Q4_K_M"]["fallback"]["most"]  # SmolLM2's 576-wide rows: most matrices fall back
     assert "smollm2-135m-medical-demo-Q4_K_M.gguf" in proc.stdout and " MB " in proc.stdout
     assert "not a medical device" in proc.stdout
 

@@ -59,6 +59,11 @@ def _file_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _recommended(results: dict[str, Any]) -> dict[str, Any]:
+    """The export's recommended file (medtune.export.recommend), or the Modelfile's when an older manifest has none."""
+    return results.get("recommended") or {"file": results.get("ollama", {}).get("from"), "why": "the Modelfile's"}
+
+
 def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any]) -> str:
     """README.md text for the export folder; `results` are the export's checks (the manifest's results)."""
     data = run_dir.read_json("prepared", "report.json")
@@ -79,8 +84,8 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any]) -> str:
         "",
         f"Converted and quantized with llama.cpp from llama-cpp-python {results['llama_cpp_version']}. "
         "`manifest.json` lists every file with its size and sha256 and the numbers of every check. "
-        f"`Modelfile` runs the {results.get('ollama', {}).get('from', 'Q4_K_M')} file in Ollama: "
-        f"`ollama create {cfg.export.name} -f Modelfile`.",
+        f"Use `{_recommended(results)['file']}`: {_recommended(results)['why']} (`manifest.json`, `recommended`). "
+        f"`Modelfile` runs it in Ollama: `ollama create {cfg.export.name} -f Modelfile`.",
         "",
         "## Base model",
         "",

@@ -12,7 +12,7 @@ process per file, so a llama.cpp build that crashes on this CPU is reported inst
 - perplexity on `HELD_OUT`, a medical text written for this check (it is in no training set), so each quant can be
   compared with the F16 file;
 - runtime: one greedy chat answer through the file's own chat template, which must be non-empty (and, normally,
-  end at the end-of-turn token).
+  end at the end-of-turn token); `stop_probe`, a second answer (STOP_PROBE) that must end too.
 """
 
 from __future__ import annotations
@@ -146,6 +146,11 @@ CONVERSATIONS = (
     [{"role": "user", "content": "Résumé en français : fièvre, toux 🤒"},
      {"role": "assistant", "content": "  Fièvre et toux.  "}],
 )
+
+# A second answer every file must end: the architecture matrix's chat question, on which Gemma 3's plain Q4_K_M file
+# looped while it ended its answer to the config's check prompt (BENCHMARKS.md, "A second architecture").
+STOP_PROBE = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
+              "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
 
 # Held-out text for perplexity: written for this check, in no training set; a few hundred tokens of clinical prose.
 HELD_OUT = """\
@@ -349,6 +354,8 @@ def check_file(spec: dict[str, Any]) -> dict[str, Any]:
     engine = LlamaCppEngine(spec["gguf"], n_ctx=2048)
     result["runtime"] = engine.complete([{"role": "user", "content": spec["prompt"]}], temperature=0.0, top_p=1.0,
                                         max_tokens=spec["max_tokens"])
+    result["stop_probe"] = engine.complete([{"role": "user", "content": STOP_PROBE}], temperature=0.0, top_p=1.0,
+                                           max_tokens=spec["max_tokens"])
     del engine
     lap("runtime")
 

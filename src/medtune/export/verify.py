@@ -181,9 +181,17 @@ def judge(result: dict[str, Any], gguf_type: str, limits: Limits, reference_ppl:
         if bound is not None and ppl["relative_to_float"] > bound:
             problems.append(f"held-out perplexity {ppl['value']} is {ppl['relative_to_float']:+.1%} vs the float "
                             f"file (allowed {bound:+.0%}): the quantized file is broken")
-    runtime = result["runtime"]
-    if limits.require_answer and not runtime["text"].strip():
-        problems.append("empty answer")
-    if limits.require_answer and runtime["finish_reason"] != "stop":
-        problems.append(f"did not stop at the end-of-turn token within {limits.smoke_max_tokens} tokens")
+    for key, where in (("runtime", ""), ("stop_probe", " (answer to the stop probe, parity.STOP_PROBE)")):
+        runtime = result.get(key)
+        if runtime is None or not limits.require_answer:
+            continue
+        if not runtime["text"].strip():
+            problems.append("empty answer" + where)
+        if runtime["finish_reason"] != "stop":
+            problems.append(f"did not stop at the end-of-turn token within {limits.smoke_max_tokens} tokens{where}")
     return problems
+
+
+def is_stop_problem(problem: str) -> bool:
+    """A problem of the chat answers (empty, or not ended): it makes a quantized file one not to use, not a failure."""
+    return problem.startswith(("empty answer", "did not stop at the end-of-turn token"))
