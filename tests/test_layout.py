@@ -33,7 +33,7 @@ def imports(path: Path) -> set[str]:
 
 
 def stage_home(stage_module: str) -> str:
-    """A stage's package or module below medtune: `medtune.data.prepare` -> `medtune.data`, `medtune.pairs` (a
+    """A stage's package or module below medtune: `medtune.data.stage` -> `medtune.data`, `medtune.pairs` (a
     module today, a package with its stage.py later) -> `medtune.pairs`."""
     return ".".join(stage_module.split(".")[:2])
 
