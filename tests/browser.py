@@ -23,6 +23,20 @@ def chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
+def require_chromium() -> None:
+    """Skip a browser test on a machine without chromium, saying so; fail instead where the browser is required
+    (.ci/run installs it and sets MEDTUNE_REQUIRE_BROWSER)."""
+    import os
+
+    import pytest
+
+    if chromium() is None:
+        message = "no chromium on this machine: the browser check did not run (apt-get install chromium)"
+        if os.environ.get("MEDTUNE_REQUIRE_BROWSER") or os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @dataclass
 class PageCheck:
     console_errors: list[str] = field(default_factory=list)
@@ -49,7 +63,7 @@ def open_report(path: Path, viewport: dict[str, int], screenshot: Path | None = 
             page.on("request", lambda r: check.requests.append(r.url))
             page.goto(path.resolve().as_uri(), wait_until="load")
             check.values = page.eval_on_selector_all(
-                "[data-src]", "els => els.map(e => ({src: e.dataset.src, value: e.dataset.value, text: e.innerText}))")
+                "[data-src]", "els => els.map(e => ({src: e.dataset.src, value: e.dataset.value, text: e.textContent}))")
             check.page_width = page.evaluate("document.documentElement.scrollWidth")
             check.text = page.inner_text("body")
             if screenshot is not None:
@@ -69,6 +83,56 @@ def lookup(run_dir: Path, src: str) -> Any:
     for part in pointer.split("/") if pointer else []:
         data = data[int(part)] if isinstance(data, list) else data[part]
     return data
+
+
+UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def expected_text(src: str, value: Any) -> str | None:
+    """How the page must show a value read from `src`; None where the check is by magnitude (sizes)."""
+    key = src.rsplit("/", 1)[-1].rsplit("#", 1)[-1]
+    if key in ("accuracy", "extraction_failure_rate", "share_over_max_len") or "/ci95/" in src \
+            or ("shares" in src and isinstance(value, float) and value <= 1):
+        return f"{value:.1%}"
+    if key == "top1_agreement":
+        return f"{value:.2%}"
+    if src.endswith("perplexity/value"):
+        return f"{value:.3f}"
+    if key == "bytes":
+        return None
+    if key == "finish_reason":
+        return "stops" if value == "stop" else str(value)
+    if key in ("extracted", "gold"):
+        return "none" if value is None else str(value)
+    if src.endswith(("tokenizer/identical", "tokenizer/texts")) or key == "sha256":
+        return str(value)
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def check_numbers(run_dir: Path, values: list[dict[str, Any]]) -> list[str]:
+    """Every number the page tags with its source: its value equals the run file's, and its text shows that value.
+    Returns the problems (empty when all agree)."""
+    problems = []
+    for v in values:
+        actual = lookup(run_dir, v["src"])
+        if json.loads(v["value"]) != actual:
+            problems.append(f"{v['src']}: page has {v['value']}, the file {actual!r}")
+            continue
+        want = expected_text(v["src"], actual)
+        text = v["text"].strip()
+        if want is None:  # a size: "117.7 MB" within the rounding of its unit
+            number, unit = text.split()
+            if abs(float(number) * UNITS[unit] - actual) > 0.051 * UNITS[unit]:
+                problems.append(f"{v['src']}: shows {text} for {actual} bytes")
+        elif text != want:
+            problems.append(f"{v['src']}: shows {text!r}, expected {want!r}")
+    return problems
 
 
 if __name__ == "__main__":  # python tests/browser.py RUN_DIR OUT.png [phone]
