@@ -62,8 +62,8 @@ def open_report(path: Path, viewport: dict[str, int], screenshot: Path | None = 
             page.on("pageerror", lambda e: check.console_errors.append(f"page error: {e}"))
             page.on("request", lambda r: check.requests.append(r.url))
             page.goto(path.resolve().as_uri(), wait_until="load")
-            check.values = page.eval_on_selector_all(
-                "[data-src]", "els => els.map(e => ({src: e.dataset.src, value: e.dataset.value, text: e.textContent}))")
+            check.values = page.eval_on_selector_all("[data-src]", "els => els.map(e => ({src: e.dataset.src, "
+                                                     "value: e.dataset.value, text: e.textContent}))")
             check.page_width = page.evaluate("document.documentElement.scrollWidth")
             check.text = page.inner_text("body")
             if screenshot is not None:

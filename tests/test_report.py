@@ -184,7 +184,7 @@ def test_report_shows_rejections_contamination_and_answers(tiny_run):
                      .splitlines()]
     assert contamination and contamination[0]["location"] in html
     first = json.loads((run_dir / "eval" / "Q4_K_M" / "bench.jsonl").read_text().splitlines()[0])
-    assert f'data-src="eval/Q4_K_M/bench.jsonl:1#gold"' in html and first["id"] in html
+    assert 'data-src="eval/Q4_K_M/bench.jsonl:1#gold"' in html and first["id"] in html
     assert "Loss" in html and "Learning rate" in html and "Gradient norm" in html  # the training curves
     manifest = json.loads((run_dir / "eval" / "manifest.json").read_text())
     assert manifest["run"]["seconds"] > 0 and manifest["run"]["environment"]["packages"]["torch"]

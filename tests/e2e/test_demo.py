@@ -156,7 +156,7 @@ def test_report_of_the_demo_in_chromium(demo_run, tmp_path):
         assert page.page_width <= page.viewport_width, f"{name}: the page scrolls sideways"
         assert check_numbers(run_dir, page.values) == []
         sources = {v["src"] for v in page.values}
-        for model, per_model in summary["models"].items():
+        for model in summary["models"]:
             assert f"eval/summary.json#models/{model}/medqa-sample/accuracy" in sources
         assert {"prepared/report.json#records_read", "prepared/report.json#used",
                 "gguf/manifest.json#results/files/Q4_K_M/tokenizer/identical"} <= sources

@@ -160,10 +160,10 @@ def _evaluation(cfg: Config, run_dir: RunDir, summary: dict[str, Any] | None, re
     if not summary:
         return []
     mode = summary.get("mode", "generate")
-    lines = [f"Mode `{mode}`" + (f", at most {summary.get('max_new_tokens')} new tokens" if mode == "generate"
-                                 else "") + (f", a stratified sample of {summary['limit']} items per benchmark"
-                                             if summary.get("limit") else "") + f" (`{rel_dir}/results.md` of the run):",
-             "", "| model | benchmark | n | accuracy (95% interval) | no letter found | always the most common answer |",
+    tokens = f", at most {summary.get('max_new_tokens')} new tokens" if mode == "generate" else ""
+    sample = f", a stratified sample of {summary['limit']} items per benchmark" if summary.get("limit") else ""
+    lines = [f"Mode `{mode}`{tokens}{sample} (`{rel_dir}/results.md` of the run):", "",
+             "| model | benchmark | n | accuracy (95% interval) | no letter found | always the most common answer |",
              "|---|---|---:|---|---:|---|"]
     for model, per_model in summary.get("models", {}).items():
         for bench, row in per_model.items():
@@ -188,8 +188,8 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
         front_matter(cfg),
         f"# {cfg.export.name}",
         "",
-        f"A medical question-answering model: `{_shown_base(cfg.base.model)}` fine-tuned with LoRA by medtune {__version__}, "
-        "merged, and converted to GGUF for llama.cpp, Ollama and LM Studio.",
+        f"A medical question-answering model: `{_shown_base(cfg.base.model)}` fine-tuned with LoRA by medtune "
+        f"{__version__}, merged, and converted to GGUF for llama.cpp, Ollama and LM Studio.",
         "",
         f"> **Medical disclaimer.** {DISCLAIMER}",
         "",

@@ -111,7 +111,7 @@ def build(root: Path, stages: Sequence[StageLike]) -> str:
     page = tag("html", tag("head", Raw('<meta charset="utf-8">'),
                            Raw('<meta name="viewport" content="width=device-width, initial-scale=1">'),
                            tag("title", title), tag("style", Raw(CSS))),
-               tag("body", tag("header", tag("h1", title), tag("p", Raw(f"<strong>Disclaimer.</strong> {text(DISCLAIMER)}"),
+               tag("body", tag("header", tag("h1", title), tag("p", tag("strong", "Disclaimer."), f" {DISCLAIMER}",
                                                                   class_="disclaimer"), nav),
                    tag("main", overview, *body),
                    tag("footer", tag("p", f"Written by medtune {__version__} from the files of this run folder. "

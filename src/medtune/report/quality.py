@@ -64,7 +64,8 @@ def export_section(files: RunFiles, folder: str) -> Raw:
     results = manifest.get("results") or {}
     rows = [_file_row(gguf_type, r) for gguf_type, r in (results.get("files") or {}).items()]
     rel = f"{folder}/manifest.json#files"
-    listed = [[tag("code", e.get("path"), class_="file"), shown(size(e.get("bytes")), f"{rel}/{i}/bytes", e.get("bytes")),
+    listed = [[tag("code", e.get("path"), class_="file"),
+               shown(size(e.get("bytes")), f"{rel}/{i}/bytes", e.get("bytes")),
                tag("code", shown(e.get("sha256"), f"{rel}/{i}/sha256", e.get("sha256")), class_="hash")]
               for i, e in enumerate(manifest.get("files", []))]
     recommended = _recommended(results)
@@ -105,7 +106,8 @@ def _constant(files: RunFiles, rel_dir: str, model: str, bench: str, row: dict[s
     return accuracy, f"{answer + ': ' if answer else ''}{accuracy:.1%}{counted}"
 
 
-def _eval_rows(files: RunFiles, rel_dir: str, summary: dict[str, Any]) -> tuple[list[list[Any]], list[svg.Bar], dict[str, float]]:
+def _eval_rows(files: RunFiles, rel_dir: str,
+               summary: dict[str, Any]) -> tuple[list[list[Any]], list[svg.Bar], dict[str, float]]:
     rel = f"{rel_dir}/summary.json"
     rows, bars, baselines = [], [], {}
     for model, per_model in (summary.get("models") or {}).items():

@@ -70,7 +70,8 @@ class Frame:
     def axes(self, x_title: str, y_title: str, x_labels: bool = True) -> list[str]:
         out = []
         for t in self.y_ticks:
-            out.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{self.y(t):.1f}" y2="{self.y(t):.1f}"/>'
+            out.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{self.y(t):.1f}" '
+                       f'y2="{self.y(t):.1f}"/>'
                        f'<text class="tick" x="{LEFT - 6}" y="{self.y(t) + 4:.1f}" text-anchor="end">'
                        f"{_label(t)}</text>")
         if x_labels:
@@ -108,7 +109,8 @@ def lines(title: str, series: Sequence[Series], x_title: str, y_title: str,
     legend = []
     for i, s in enumerate(drawn):
         cls = f"s{i % SERIES}"
-        path = " ".join(f"{'M' if j == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}" for j, (x, y) in enumerate(s.points))
+        path = " ".join(f"{'M' if j == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}"
+                        for j, (x, y) in enumerate(s.points))
         body.append(f'<path class="line {cls}" d="{path}"><title>{escape(s.label)}</title></path>')
         if s.dots or len(s.points) == 1:
             body += [f'<circle class="dot {cls}" cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3.5">'
@@ -126,7 +128,8 @@ def histogram(title: str, edges: Sequence[float], counts: Sequence[int], x_title
     body = frame.axes(x_title, y_title)
     for low, high, count in zip(edges, edges[1:], counts):
         x0, x1 = frame.x(low), frame.x(high)
-        body.append(f'<rect class="bar s0" x="{x0 + 0.5:.1f}" y="{frame.y(count):.1f}" width="{max(0.5, x1 - x0 - 1):.1f}" '
+        body.append(f'<rect class="bar s0" x="{x0 + 0.5:.1f}" y="{frame.y(count):.1f}" '
+                    f'width="{max(0.5, x1 - x0 - 1):.1f}" '
                     f'height="{frame.y(0) - frame.y(count):.1f}"><title>{_label(low)}–{_label(high)}: {count}</title>'
                     "</rect>")
     if marker is not None:
