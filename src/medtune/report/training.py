@@ -16,7 +16,7 @@ HISTOGRAM_BINS = 24
 CONTAMINATION_SHOWN = 5
 
 
-def _count(files: RunFiles, rel: str, data: dict[str, Any], key: str, label: str) -> tuple[str, Raw] | None:
+def _count(rel: str, data: dict[str, Any], key: str, label: str) -> tuple[str, Raw] | None:
     value = data.get(key)
     return None if value is None else (label, shown(number(value), f"{rel}#{key}", value))
 
@@ -26,7 +26,7 @@ def data_section(files: RunFiles, folder: str) -> Raw:
     report = files.json(rel)
     if report is None:
         return section("data", "Data", note(f"{rel} is missing: the data stage's numbers can't be shown."))
-    counts = [_count(files, rel, report, k, label) for k, label in (
+    counts = [_count(rel, report, k, label) for k, label in (
         ("records_read", "records read"), ("used", "used"), ("rejected", "rejected"),
         ("train_rows", "training rows"), ("val_rows", "validation rows"), ("train_tokens", "training tokens"),
         ("trained_tokens", "tokens with loss"), ("contaminated", "overlapping an evaluation question"))]
@@ -77,13 +77,13 @@ def _lengths(files: RunFiles, folder: str, report: dict[str, Any]) -> Raw:
     policy = report.get("length_policy")
     rows = [(k, shown(number(v), f"{rel}#lengths/{k}", v)) for k, v in lengths.items()]
     shares = [
-        _count(files, rel, report, "over_max_len", f"longer than max_len ({report.get('max_len')})"),
+        _count(rel, report, "over_max_len", f"longer than max_len ({report.get('max_len')})"),
         ("share over max_len", shown(percent(report.get("share_over_max_len")), f"{rel}#share_over_max_len",
                                      report.get("share_over_max_len"))) if "share_over_max_len" in report else None,
         ("length policy", code(policy) if policy else None),
-        _count(files, rel, report, "truncated", "truncated"),
-        _count(files, rel, report, "truncated_answer_cut", "truncated with their final answer cut off"),
-        _count(files, rel, report, "shortened_keep_answer", "shortened keeping the answer"),
+        _count(rel, report, "truncated", "truncated"),
+        _count(rel, report, "truncated_answer_cut", "truncated with their final answer cut off"),
+        _count(rel, report, "shortened_keep_answer", "shortened keeping the answer"),
     ]
     return join([tag("h3", "Lengths and truncation"),
                  table(["length percentile (tokens, before the policy)", "tokens"], rows, [1]) if rows else "",
