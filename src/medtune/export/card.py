@@ -237,6 +237,10 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
                   f"{_number(merge.get('max_logit_diff'))} (tolerance {merge.get('tolerance')})."]
     tables = [line for rel_dir, summary in (evaluation or {}).items()
               for line in _evaluation(cfg, run_dir, summary, rel_dir)]
+    if tables:
+        tables.append("The last column is the accuracy of always giving the most common answer key on the same "
+                      "items: a model that does not beat it has shown nothing beyond the distribution of the keys. "
+                      "Intervals are 95% Wilson intervals.")
     lines += [
         "",
         "## Evaluation",
