@@ -29,6 +29,7 @@ QUESTIONS = [f"Which number is {i} about the kidney?" for i in range(4)]
 def _config(tmp: Path, base: Path) -> Path:
     records = [reasonmed_record(i) for i in range(24)]
     records[3]["output"] = ""  # rejected: nothing to learn
+    records[7]["output"] = "Consider the options. " * 20 + "The answer is D."  # longer than max_len: truncated
     records[5]["instruction"] = (f"Please answer the following multiple-choice question:\n{QUESTIONS[1]}\n"
                                  "A. a\nB. b\nC. c\nD. d")  # the same question as a benchmark item: contamination
     data = write_jsonl(tmp / "train.jsonl", records)
@@ -36,7 +37,7 @@ def _config(tmp: Path, base: Path) -> Path:
         {"question": q, "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "ABCD"[i % 4]}
         for i, q in enumerate(QUESTIONS)])
     cfg = {"name": "tiny", "run_dir": str(tmp / "run"), "seed": 1, "base": {"model": str(base)},
-           "data": {"path": str(data), "max_len": 64, "val_fraction": 0.2},
+           "data": {"path": str(data), "max_len": 96, "length_policy": "truncate", "val_fraction": 0.2},
            "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 1, "max_steps": 3,
                      "eval_steps": 2},
            "export": {"name": "tiny", "types": ["F16", "Q4_K_M"]},
@@ -125,7 +126,6 @@ def test_the_report_is_one_valid_self_contained_page(tiny_run):
     assert page.errors == [] and page.stack == []
     assert page.urls == [] and not {"script", "link", "img", "iframe"} & page.tags  # nothing fetched, no script
     assert "not a medical device" in html and page.tags >= {"svg", "table"}
-    assert str(run_dir.parent) not in html  # no path of this machine; files by their place inside the run
 
 
 def test_numbers_shown_are_the_run_files(tiny_run):
@@ -176,10 +176,12 @@ def test_report_in_headless_chromium(tiny_run, tmp_path):
 
 
 def test_report_shows_rejections_contamination_and_answers(tiny_run):
+    import html as html_lib
+
     run_dir = tiny_run[0]
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     rejected = [json.loads(line) for line in (run_dir / "prepared" / "rejected.jsonl").read_text().splitlines()]
-    assert rejected and rejected[0]["location"] in html and rejected[0]["reason"] in html
+    assert rejected and rejected[0]["location"] in html and html_lib.escape(rejected[0]["reason"]) in html
     contamination = [json.loads(line) for line in (run_dir / "prepared" / "contamination.jsonl").read_text()
                      .splitlines()]
     assert contamination and contamination[0]["location"] in html
@@ -256,7 +258,8 @@ def test_card_front_matter_names_hub_ids(tmp_path):
 
     cfg = Config.model_validate({
         "name": "ref", "run_dir": str(tmp_path), "base": {"model": "meta-llama/Llama-3.2-1B-Instruct"},
-        "data": {"dataset": "lingshu-medical-mllm/ReasonMed", "data_file": "ReasonMed.json"}})
+        "data": {"dataset": "lingshu-medical-mllm/ReasonMed", "data_file": "ReasonMed.json"},
+        "export": {"name": "llama3.2-1b-medical"}})
     meta = yaml.safe_load(front_matter(cfg).split("---\n")[1])
     assert meta["base_model"] == "meta-llama/Llama-3.2-1B-Instruct" and meta["license"] == "llama3.2"
     assert meta["datasets"] == ["lingshu-medical-mllm/ReasonMed"] and meta["pipeline_tag"] == "text-generation"

@@ -14,7 +14,7 @@ from html import escape
 from medtune.report.html import Raw
 
 WIDTH, HEIGHT = 520, 250
-LEFT, RIGHT, TOP, BOTTOM = 70, 10, 14, 40  # margins: tick labels on the left and below, the legend under the title
+LEFT, RIGHT, TOP, BOTTOM = 70, 22, 14, 40  # margins: tick labels on the left and below, the legend under the title
 SERIES = 6  # distinct colour classes s0..s5 in the page's style
 
 

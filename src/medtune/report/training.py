@@ -87,7 +87,8 @@ def _lengths(files: RunFiles, folder: str, report: dict[str, Any]) -> Raw:
     ]
     return join([tag("h3", "Lengths and truncation"),
                  table(["length percentile (tokens, before the policy)", "tokens"], rows, [1]) if rows else "",
-                 facts([s for s in shares if s]), _histogram(files, folder, report.get("max_len")) or "",
+                 facts([s for s in shares if s]), tag("div", _histogram(files, folder, report.get("max_len")) or "",
+                                                      class_="charts"),
                  note(f"{over} conversation(s) were over the cap.") if over and not policy else ""])
 
 
