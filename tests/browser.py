@@ -101,7 +101,7 @@ def expected_text(src: str, value: Any) -> str | None:
     if key == "bytes":
         return None
     if key == "finish_reason":
-        return "stops" if value == "stop" else str(value)
+        return "stops" if value == "stop" else f"no ({value})"
     if key in ("extracted", "gold"):
         return "none" if value is None else str(value)
     if src.endswith(("tokenizer/identical", "tokenizer/texts")) or key == "sha256":

@@ -54,7 +54,7 @@ def _file_row(gguf_type: str, r: dict[str, Any]) -> list[Any]:
         join([shown(f"{ppl['value']:.3f}", f"{where}/perplexity/value", ppl["value"]),
               "" if change is None else f" ({change:+.1%})"]) if "value" in ppl else None,
         _divergence(r) or "–",
-        shown("stops" if finish == "stop" else finish, f"{where}/runtime/finish_reason", finish),
+        shown("stops" if finish == "stop" else f"no ({finish})", f"{where}/runtime/finish_reason", finish),
         "; ".join(r.get("problems") or []) or "none",
     ]
 
@@ -180,8 +180,10 @@ def eval_block(files: RunFiles, rel_dir: str, title: str, required: bool = True)
                              "accuracy", baselines, "always the most common answer")
     parts += [tag("div", chart, class_="charts") if chart else "", _paired(summary) or ""]
     for bench, o in (summary.get("overlap") or {}).items():
-        parts.append(note(f"{bench}: {o.get('items')} item(s) match training records of this run "
-                          f"({o.get('policy')}).", kind="warn"))
+        fate = ("those records were dropped from training" if o.get("policy") == "drop" else
+                "those records were kept in training, so its scores may be inflated")
+        parts.append(note(f"{bench}: {o.get('items')} item(s) match training records of this run; {fate}.",
+                          kind="warn"))
     parts.append(_answers(files, rel_dir, summary) or "")
     return join(parts)
 
