@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import medtune.report.quality as quality
+import medtune.report.training as training
 from medtune import DISCLAIMER, __version__
-from medtune.report import quality, training
 from medtune.report.html import Raw, code, facts, join, note, number, section, table, tag, text
 from medtune.report.reader import RunFiles, pick
 from medtune.report.style import CSS

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medtune.report import svg
+import medtune.report.svg as svg
 from medtune.report.html import Raw, code, facts, join, note, number, percent, section, shown, size, table, tag
 from medtune.report.reader import RunFiles, constant_answer, item_folder, pick
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from medtune.report import svg
+import medtune.report.svg as svg
 from medtune.report.html import Raw, code, facts, join, note, number, percent, section, shown, table, tag
 from medtune.report.reader import RunFiles, pick
 
