@@ -158,8 +158,10 @@ class RunDir:
             raise
 
 
-def write_manifest(folder: Path, stage: str, fp: str, config: dict[str, Any], results: dict[str, Any]) -> None:
-    """The manifest lists every file of the stage with size and sha256, so a user can verify what they got."""
+def write_manifest(folder: Path, stage: str, fp: str, config: dict[str, Any], results: dict[str, Any],
+                   run: dict[str, Any] | None = None) -> None:
+    """The manifest lists every file of the stage with size and sha256, so a user can verify what they got; `run`
+    records when and on what machine the stage ran (times, versions, device)."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         files.append({"path": str(path.relative_to(folder)), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
@@ -172,5 +174,6 @@ def write_manifest(folder: Path, stage: str, fp: str, config: dict[str, Any], re
             "config": config,
             "results": results,
             "files": files,
+            **({"run": run} if run is not None else {}),
         },
     )

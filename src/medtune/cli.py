@@ -89,6 +89,11 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
             from medtune.summary import print_summary
 
             print_summary(cfg, run_dir, console)
+            from medtune.report import REPORT
+
+            if (run_dir / REPORT).is_file():
+                console.print(f"\n[bold]Report[/] (open it in a browser): {run_dir / REPORT}", highlight=False,
+                              soft_wrap=True)
     except MedtuneError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -269,6 +274,23 @@ def run_command(config: ConfigArg, set_: SetOpt = None,
                 force: Annotated[bool, typer.Option(help="Run every stage even if up to date")] = False) -> None:
     """Run the whole chain; stages whose inputs and config did not change are skipped."""
     _run_stages(config, set_, [], force=force)
+
+
+@app.command("report")
+def report_command(run_dir: Annotated[Path, typer.Argument(help="A run folder (a config's run_dir), e.g. runs/demo")]
+                   ) -> None:
+    """Write RUN_DIR/report.html: every stage's numbers and charts on one page that opens in any browser, offline.
+
+    A run of an older medtune gets the sections its files allow, and the page names the missing ones.
+    """
+    from medtune.pipeline import STAGES
+    from medtune.report import write_report
+
+    try:
+        path = write_report(run_dir, STAGES)
+    except MedtuneError as exc:
+        _fail(exc)
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command("chat")

@@ -15,7 +15,9 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,32 @@ def release_memory() -> None:
             ctypes.CDLL(None).malloc_trim(0)
 
 
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "llama-cpp-python", "gguf", "numpy")  # versions recorded
+
+
+def environment() -> dict[str, Any]:
+    """The machine a stage ran on, for its manifest: Python, platform, CPUs, accelerator, library versions (read
+    from package metadata; nothing is imported for it)."""
+    import platform
+    from importlib import metadata
+
+    packages = {}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            packages[name] = metadata.version(name)
+    torch = sys.modules.get("torch")  # a stage that used torch has imported it; asking costs nothing then
+    device = "cpu"
+    if torch is not None and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        device = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+    return {"python": platform.python_version(), "platform": platform.platform(terse=True),
+            "cpu_count": os.cpu_count(), "device": device, "packages": packages}
+
+
+def _utc(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, Any]:
     """Run one stage into a temporary folder; it replaces the stage's folder only when complete."""
     module = importlib.import_module(stage.module)
@@ -126,13 +154,38 @@ def run_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> dict[str, A
             with tempfile.TemporaryDirectory() as scratch:
                 return module.run(cfg, run_dir, Path(scratch), ui)
         fp = stage_fingerprint(stage, cfg, run_dir)
+        started, clock = time.time(), time.perf_counter()
         with run_dir.atomic(stage.folder) as out:
             results = module.run(cfg, run_dir, out, ui)
             dump = cfg.model_dump(mode="json", by_alias=True)
-            write_manifest(out, stage.name, fp, {s: dump[s] for s in stage.sections}, results)
+            run = {"started": _utc(started), "finished": _utc(time.time()),
+                   "seconds": round(time.perf_counter() - clock, 1), "environment": environment()}
+            write_manifest(out, stage.name, fp, {s: dump[s] for s in stage.sections}, results, run)
+        after_stage(stage, cfg, run_dir, ui)
         return results
     finally:
         release_memory()
+
+
+def after_stage(stage: Stage, cfg: Config, run_dir: RunDir, ui: UI) -> None:
+    """Bring the run's documents up to date: the model card gets the evaluation once it exists, and report.html
+    shows every stage that has run."""
+    if stage.name == "eval" and run_dir.manifest(BY_NAME["export"].folder) is not None:
+        from medtune.export.card import refresh_card
+
+        refresh_card(cfg, run_dir)
+    write_run_report(run_dir, ui)
+
+
+def write_run_report(run_dir: RunDir, ui: UI) -> Path | None:
+    """report.html of the run; a failure to draw it is reported, not raised: the stage's results are already safe."""
+    from medtune.report import write_report
+
+    try:
+        return write_report(run_dir.root, STAGES)
+    except Exception as exc:  # noqa: BLE001 - a view of the results must not fail the run that made them
+        ui.log(f"[yellow]warning: report.html not written ({type(exc).__name__}: {exc})[/]")
+        return None
 
 
 def run_all(cfg: Config, run_dir: RunDir, ui: UI, force: bool = False) -> dict[str, str]:

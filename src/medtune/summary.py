@@ -9,14 +9,7 @@ from medtune import DISCLAIMER
 from medtune.artifacts import RunDir
 from medtune.config import Config
 from medtune.pipeline import active_stages
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from medtune.report.html import size
 
 
 def _print_files(results: dict[str, Any], console: Any) -> None:
@@ -63,7 +56,7 @@ def print_summary(cfg: Config, run_dir: RunDir, console: Any) -> None:
             table.add_row(stage.name, "(not run)", "")
             continue
         for entry in manifest["files"]:
-            table.add_row(stage.name, str(run_dir / stage.folder / entry["path"]), _size(entry["bytes"]))
+            table.add_row(stage.name, str(run_dir / stage.folder / entry["path"]), size(entry["bytes"]))
     console.print(table)
 
     export = run_dir.manifest("gguf")

@@ -158,3 +158,27 @@ def test_second_run_does_no_work(demo_run):
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval_cache" not in p.parts}
     assert after == before
     assert "Sample answer from" in proc.stdout
+
+
+def test_report_of_the_demo_in_chromium(demo_run, tmp_path):
+    """report.html of the demo: printed at the end, no console error in headless Chromium at desktop and phone
+    widths, nothing fetched, and the eval table, data counts and export checks it shows equal the run's files."""
+    from browser import DESKTOP, PHONE, check_numbers, open_report, require_chromium
+
+    run_dir, proc = demo_run
+    report = run_dir / "report.html"
+    assert str(report) in proc.stdout.replace("\n", "")
+    require_chromium()
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    for name, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+        page = open_report(report, viewport, tmp_path / f"{name}.png")
+        assert page.console_errors == [] and page.requests == [report.resolve().as_uri()], name
+        assert page.page_width <= page.viewport_width, f"{name}: the page scrolls sideways"
+        assert check_numbers(run_dir, page.values) == []
+        sources = {v["src"] for v in page.values}
+        for model in summary["models"]:
+            assert f"eval/summary.json#models/{model}/medqa-sample/accuracy" in sources
+        assert {"prepared/report.json#records_read", "prepared/report.json#used",
+                "gguf/manifest.json#results/files/Q4_K_M/tokenizer/identical"} <= sources
+    card = (run_dir / "gguf" / "README.md").read_text()
+    assert "| Q4_K_M | medqa-sample |" in card and str(ROOT) not in card and str(run_dir) not in card
