@@ -83,7 +83,7 @@ def lm_eval_side(command: list[str], output: Path) -> tuple[dict[str, float], di
         gold = sample["doc"]["answer_idx"]
         per_item[str(sample["doc"]["realidx"])] = {
             "logprobs": scores,
-            # lm-eval logs only whether each prediction was right; where it was, the prediction is the gold letter
+            # lm-eval logs per item only whether its two predictions were right, not the predictions themselves
             "acc": sample["acc"], "acc_norm": sample["acc_norm"], "gold": gold}
     return {k: results["results"][TASK][f"{k},none"] for k in ("acc", "acc_norm")}, per_item
 
