@@ -62,6 +62,11 @@ def run_lm_eval(command: list[str], output: Path, task: str) -> tuple[dict, list
     """Run lm-eval offline; its results file and its logged samples of `task`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return read_lm_eval(output, task)
+
+
+def read_lm_eval(output: Path, task: str) -> tuple[dict, list[dict]]:
+    """The results file and the logged samples of `task` that an lm-eval run wrote under `output`."""
     results = json.loads(next(output.rglob("results_*.json")).read_text())
     samples = [json.loads(line) for line in next(output.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
     return results, samples
