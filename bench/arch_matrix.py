@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # qwen_shape: the random Qwen3 the tests use
 sys.path.insert(0, str(ROOT / "src"))
 from medtune.export.parity import STOP_PROBE  # noqa: E402
+from medtune.pipeline import STAGES as PIPELINE  # noqa: E402
 
 CONFIGS = {"llama": ROOT / "configs" / "demo.yaml", "gemma3": ROOT / "configs" / "gemma3-270m-demo.yaml"}
 QUESTION = STOP_PROBE  # the question export also asks every file (medtune.export.parity)
@@ -209,11 +210,10 @@ def main() -> None:
     if args.from_run:
         arch, run_dir = args.from_run[0], Path(args.from_run[1])
         matrix[arch] = {}
-        for stage, folder in (("data", "prepared"), ("train", "adapter"), ("merge", "merged"), ("export", "gguf"),
-                              ("eval", "eval")):
-            manifest = run_dir / folder / "manifest.json"
+        for step in PIPELINE[1:]:  # the chain without pairs
+            manifest = run_dir / step.folder / "manifest.json"
             if manifest.is_file():
-                matrix[arch][stage] = {**_numbers(stage, json.loads(manifest.read_text())["results"]),
+                matrix[arch][step.name] = {**_numbers(step.name, json.loads(manifest.read_text())["results"]),
                                        "from_run": str(run_dir)}
         args.arch = []
     for arch in args.arch:

@@ -60,6 +60,7 @@ from medtune.formats.choice import (  # noqa: E402
     reasonmed_record,
     with_cop,
 )
+from medtune.pipeline import STAGES  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 STUDY = ROOT / "runs" / "study"
@@ -90,7 +91,7 @@ BASES = {
 TUNED = ("sft-balanced-s1", "sft-balanced-s2", "sft-unbalanced-s1", "rpo-balanced")
 VARIANTS = ("base", *TUNED)
 DEPENDS = {"rpo-balanced": "sft-balanced-s1"}  # rpo's base is that variant's merged model (same base)
-FOLDERS = {"pairs": "pairs", "data": "prepared", "train": "adapter", "merge": "merged"}
+FOLDERS = {s.name: s.folder for s in STAGES}
 # One `medtune eval` per base and mode; generation (4 asks an item with its shifts) runs on a stratified sample.
 MODES = {"generate": ["--mode", "generate", "--circular"], "loglik": ["--mode", "loglik", "--circular"],
          "cloze": ["--mode", "cloze"]}

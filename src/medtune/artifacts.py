@@ -22,6 +22,8 @@ from medtune import __version__
 from medtune.errors import MedtuneError
 
 MANIFEST = "manifest.json"
+# Each stage's folder in a run directory (medtune.pipeline.STAGES says which stage writes which).
+PAIRS, PREPARED, ADAPTER, MERGED, GGUF, EVAL = "pairs", "prepared", "adapter", "merged", "gguf", "eval"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -22,7 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from medtune import __version__
-from medtune.artifacts import RunDir, atomic_write_json, fingerprint, sha256_file, write_manifest
+from medtune.artifacts import (
+    ADAPTER,
+    EVAL,
+    GGUF,
+    MERGED,
+    PAIRS,
+    PREPARED,
+    RunDir,
+    atomic_write_json,
+    fingerprint,
+    sha256_file,
+    write_manifest,
+)
 from medtune.config import Config
 from medtune.ui import UI
 
@@ -38,12 +50,12 @@ class Stage:
 
 STAGES = (
     # only with a `pairs` section; then data reads pairs/pairs.jsonl (see `active` and `upstream_of`)
-    Stage("pairs", "pairs", None, ("pairs", "base", "seed"), "medtune.pairs.stage"),
-    Stage("data", "prepared", "pairs", ("base", "data", "seed"), "medtune.data.stage"),
-    Stage("train", "adapter", "data", ("train", "seed"), "medtune.train.stage"),
-    Stage("merge", "merged", "train", ("merge", "chat"), "medtune.merge.stage"),
-    Stage("export", "gguf", "merge", ("export",), "medtune.export.stage"),
-    Stage("eval", "eval", "export", ("eval", "chat"), "medtune.evaluate.stage"),
+    Stage("pairs", PAIRS, None, ("pairs", "base", "seed"), "medtune.pairs.stage"),
+    Stage("data", PREPARED, "pairs", ("base", "data", "seed"), "medtune.data.stage"),
+    Stage("train", ADAPTER, "data", ("train", "seed"), "medtune.train.stage"),
+    Stage("merge", MERGED, "train", ("merge", "chat"), "medtune.merge.stage"),
+    Stage("export", GGUF, "merge", ("export",), "medtune.export.stage"),
+    Stage("eval", EVAL, "export", ("eval", "chat"), "medtune.evaluate.stage"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

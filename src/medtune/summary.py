@@ -28,7 +28,7 @@ def _print_files(results: dict[str, Any], console: Any) -> None:
         note = (f"{fell['fallback']} of {fell['matrices']} matrices " + "/".join(fell["fallback_types"])
                 if fell.get("most") else "")
         note += " imatrix" if r.get("imatrix") else ""
-        table.add_row(r["file"], _size(r["bytes"]), *(
+        table.add_row(r["file"], size(r["bytes"]), *(
             "-" if d.get(k) is None else f"{d[k]:{fmt}}" for k, fmt in (
                 ("mean_kld", ".4f"), ("p99_kld", ".4f"), ("same_top", ".1%"), ("ppl_diff", "+.3f"),
                 ("retention", ".1%"))), "yes" if r.get("stops", True) else "NO", note.strip())

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.artifacts import RunDir
+from medtune.artifacts import PAIRS, RunDir
 from medtune.config import Config
 from medtune.contamination import ContaminationGuard, guard_for, question_stem
 from medtune.data.formatting import Encoded
@@ -25,7 +25,7 @@ BATCH = 512
 
 def data_path(cfg: Config) -> Path:
     if cfg.pairs is not None:  # the pairs stage's output
-        return RunDir(cfg.run_dir).require("pairs", "medtune pairs CONFIG") / "pairs.jsonl"
+        return RunDir(cfg.run_dir).require(PAIRS, "medtune pairs CONFIG") / "pairs.jsonl"
     if cfg.data.path is not None:
         return cfg.data.path
     return Path(hub_file(cfg.data.dataset, cfg.data.data_file, cfg.data.revision))

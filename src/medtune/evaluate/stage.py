@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medtune.artifacts import RunDir
+from medtune.artifacts import GGUF, MERGED, PREPARED, RunDir
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.evaluate.suite import SCORED, check_model, evaluate_models
@@ -32,9 +32,9 @@ def model_path(ref: str, cfg: Config, run_dir: RunDir, hf: bool = False) -> Path
     if ref in NAMES:
         if ref not in cfg.export.types:
             raise MedtuneError(f"eval.models: {ref} is not among export.types {cfg.export.types}")
-        return run_dir.require("gguf", "medtune export CONFIG") / file_name(cfg.export.name, ref)
+        return run_dir.require(GGUF, "medtune export CONFIG") / file_name(cfg.export.name, ref)
     if ref == "merged":
-        return run_dir.require("merged", "medtune merge CONFIG")
+        return run_dir.require(MERGED, "medtune merge CONFIG")
     if ref in ("base", "base-hf"):
         spec = cfg.base.model
         if hf or ref == "base-hf":
@@ -61,10 +61,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
     for ref, path in scored.items():
         check_model(ref, path, view, "eval.loglik_models")
     summary = evaluate_models(models, cfg.eval, out, run_dir / "eval_cache", ui, seed=cfg.seed, n_ctx=cfg.chat.n_ctx,
-                              prepared=run_dir / "prepared")
+                              prepared=run_dir / PREPARED)
     if scored:
         section = cfg.eval.model_copy(update={"mode": view, "models": list(scored),
                                               "circular": cfg.eval.circular and view == "loglik"})
         summary["loglik"] = evaluate_models(scored, section, out / "loglik", run_dir / "eval_cache", ui, seed=cfg.seed,
-                                            n_ctx=cfg.chat.n_ctx, prepared=run_dir / "prepared")
+                                            n_ctx=cfg.chat.n_ctx, prepared=run_dir / PREPARED)
     return summary

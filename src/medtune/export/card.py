@@ -16,7 +16,18 @@ from typing import Any
 import yaml
 
 from medtune import DISCLAIMER, __version__
-from medtune.artifacts import RunDir, atomic_write_json, atomic_write_text, sha256_file
+from medtune.artifacts import (
+    ADAPTER,
+    EVAL,
+    GGUF,
+    MANIFEST,
+    MERGED,
+    PREPARED,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+)
 from medtune.config import Config
 from medtune.models import package_file
 from medtune.report.reader import constant_answer
@@ -183,9 +194,9 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
                evaluation: dict[str, dict[str, Any]] | None = None) -> str:
     """README.md text for the export folder; `results` are the export's checks (the manifest's results),
     `evaluation` the run's eval summaries by their folder inside the run (`eval`, `eval/loglik`), once evaluated."""
-    data = run_dir.read_json("prepared", "report.json")
-    train = run_dir.read_json("adapter", "train_report.json")
-    merge = (run_dir.manifest("merged") or {}).get("results")
+    data = run_dir.read_json(PREPARED, "report.json")
+    train = run_dir.read_json(ADAPTER, "train_report.json")
+    merge = (run_dir.manifest(MERGED) or {}).get("results")
     t = cfg.train
     lines = [
         front_matter(cfg),
@@ -265,7 +276,7 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
     return "\n".join(lines)
 
 
-EVAL_SUMMARIES = ("eval", "eval/loglik")  # the eval stage's summaries, by their folder inside the run
+EVAL_SUMMARIES = (EVAL, f"{EVAL}/loglik")  # the eval stage's summaries, by their folder inside the run
 
 
 def refresh_card(cfg: Config, run_dir: RunDir) -> None:
@@ -273,7 +284,7 @@ def refresh_card(cfg: Config, run_dir: RunDir) -> None:
     atomically (each file is old or new, never partial)."""
     import json
 
-    manifest = run_dir.manifest("gguf")
+    manifest = run_dir.manifest(GGUF)
     if manifest is None:
         return
     evaluation = {}
@@ -281,9 +292,9 @@ def refresh_card(cfg: Config, run_dir: RunDir) -> None:
         path = run_dir / rel_dir / "summary.json"
         if path.is_file():
             evaluation[rel_dir] = json.loads(path.read_text(encoding="utf-8"))
-    card = run_dir / "gguf" / "README.md"
+    card = run_dir / GGUF / "README.md"
     atomic_write_text(card, model_card(cfg, run_dir, manifest["results"], evaluation))
     entry = {"path": "README.md", "bytes": card.stat().st_size, "sha256": sha256_file(card)}
     files = [f for f in manifest["files"] if f["path"] != "README.md"]
     manifest["files"] = sorted([*files, entry], key=lambda f: f["path"])
-    atomic_write_json(run_dir / "gguf" / "manifest.json", manifest)
+    atomic_write_json(run_dir / GGUF / MANIFEST, manifest)

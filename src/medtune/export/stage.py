@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune import __version__
-from medtune.artifacts import RunDir, atomic_write_text
+from medtune.artifacts import MERGED, PREPARED, RunDir, atomic_write_text
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.export import card, divergence, gguf, imatrix, ollama, parity, tools, verify
@@ -39,8 +39,8 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, limits: verify.Limits |
     model whose chat template medtune cannot express for Ollama.
     """
     limits = limits or verify.Limits()
-    merged = run_dir.require("merged", "medtune merge CONFIG")
-    prepared = run_dir.require("prepared", "medtune data CONFIG")
+    merged = run_dir.require(MERGED, "medtune merge CONFIG")
+    prepared = run_dir.require(PREPARED, "medtune data CONFIG")
     tokenizer = load_tokenizer(str(merged))
     name, types = cfg.export.name, cfg.export.types
     floats = [t.name for t in TYPES if t.is_float and t.name in types]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtune.artifacts import RunDir, atomic_write_json, fingerprint
+from medtune.artifacts import PREPARED, RunDir, atomic_write_json, fingerprint
 from medtune.config import Config
 from medtune.errors import MedtuneError
 from medtune.models import load_tokenizer, resolve_base
@@ -35,7 +35,7 @@ from medtune.ui import UI
 def resume_key(cfg: Config, run_dir: RunDir) -> str:
     """Checkpoints belong to one training config on one prepared data set."""
     return fingerprint({"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed,
-                        "data": (run_dir.manifest("prepared") or {}).get("fingerprint")})
+                        "data": (run_dir.manifest(PREPARED) or {}).get("fingerprint")})
 
 
 def reference_key(cfg: Config, run_dir: RunDir) -> str:
@@ -48,7 +48,7 @@ def reference_key(cfg: Config, run_dir: RunDir) -> str:
     fp8 = {"base_precision": tc.base_precision} if tc.base_precision != "bf16" else {}
     return fingerprint({"base": cfg.base.model_dump(mode="json"), "base_build": built, "precision": tc.precision,
                         "device": tc.device, "attention": tc.attention, "qlora": tc.qlora,
-                        "data": (run_dir.manifest("prepared") or {}).get("fingerprint"), **fp8})
+                        "data": (run_dir.manifest(PREPARED) or {}).get("fingerprint"), **fp8})
 
 
 def prepared_kind(prepared: Path) -> str:
@@ -112,7 +112,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, dry_run: bool = False) 
     returns the plan (tokens, steps, memory, expected time) without training.
     """
     tc = cfg.train
-    prepared = run_dir.require("prepared", "medtune data CONFIG")
+    prepared = run_dir.require(PREPARED, "medtune data CONFIG")
     kind = prepared_kind(prepared)
     wanted = "conversations" if tc.objective == "sft" else "pairs"
     if kind != wanted:
