@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from medtune.errors import MedtuneError
-from medtune.evaluate.benchmarks import (
+from medtune.evaluate.sample import stratified_sample
+from medtune.formats.benchmarks import (
     MMLU_MEDICAL,
-    Item,
     load_benchmark,
     load_medmcqa,
     load_medmcqa_hub,
     load_mmlu,
     load_multiple_choice,
     load_pubmedqa,
-    stratified_sample,
 )
+from medtune.formats.choice import Item
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -11,13 +11,13 @@ from medtune.artifacts import RunDir
 from medtune.config import load_config
 from medtune.errors import MedtuneError
 from medtune.evaluate import stage as evaluate
-from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, Request, choose, encode_pair, loglik_request
-from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.evaluate.report import overlap, overlap_warnings
 from medtune.evaluate.runner import BatchedSolver, EngineSolver, LoglikSolver, evaluate_items
 from medtune.evaluate.suite import folder_name
+from medtune.formats.choice import Item
+from medtune.formats.choice import question_prompt as multiple_choice_prompt
 from medtune.models import load_hf
 from medtune.ui import UI
 

@@ -16,7 +16,6 @@ from test_eval import ITEMS, hand_logprobs
 from medtune.config import EvalConfig, load_config
 from medtune.errors import MedtuneError
 from medtune.evaluate import suite
-from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.formulations import (
     calibration_ids,
     debiased,
@@ -28,6 +27,7 @@ from medtune.evaluate.formulations import (
 from medtune.evaluate.loglik import LoglikScorer, cloze_request, normalized, option_length
 from medtune.evaluate.runner import ClozeSolver, asked, evaluate_items
 from medtune.evaluate.stats import answer_shares, macro_f1, mcnemar_exact, rstd
+from medtune.formats.choice import Item
 from medtune.models import load_hf
 from medtune.ui import UI
 

@@ -4,6 +4,7 @@ modules import each other in a loop."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from medtune.pipeline import STAGES
@@ -33,8 +34,7 @@ def imports(path: Path) -> set[str]:
 
 
 def stage_home(stage_module: str) -> str:
-    """A stage's package or module below medtune: `medtune.data.stage` -> `medtune.data`, `medtune.pairs` (a
-    module today, a package with its stage.py later) -> `medtune.pairs`."""
+    """A stage's package below medtune: `medtune.data.stage` -> `medtune.data`."""
     return ".".join(stage_module.split(".")[:2])
 
 
@@ -81,3 +81,42 @@ def test_no_import_loops():
         if name not in state:
             visit(name, [name])
     assert len(state) == len(modules) > 50
+
+
+def test_every_stage_is_a_package_entered_at_stage_py():
+    for stage in STAGES:
+        assert stage.module == f"{stage_home(stage.module)}.stage", stage
+        assert (SRC / stage_home(stage.module).split(".")[1] / "stage.py").is_file(), stage
+    names = [path.name for path in SRC.rglob("*.py") if path.name not in ("__init__.py", "stage.py")]
+    # one module name, one meaning (the pairs stage and the pair-record reader once shared `pairs.py`)
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def layout_map() -> dict[str, str]:
+    """DEVELOPERS.md's layout map: {`folder/` or `module.py`: the rest of its line (continuation lines joined)}."""
+    text = (SRC.parents[1] / "DEVELOPERS.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    entries: dict[str, str] = {}
+    for item in re.split(r"\n- ", "\n" + section)[1:]:
+        head, _, rest = item.partition(":")
+        for name in re.findall(r"`([^`]+)`", head):
+            entries[name] = " ".join(rest.split("\n\n")[0].split())
+    return entries
+
+
+def test_the_layout_map_matches_the_tree():
+    entries = layout_map()
+    folders = sorted(p.name + "/" for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    top = sorted(p.name for p in SRC.glob("*.py"))
+    assert sorted(k for k in entries if k.endswith("/")) == folders
+    assert sorted(k for k in entries if k.endswith(".py")) == top
+    for folder in folders:  # each module of a folder named on the folder's line, and nothing that is not there
+        modules = {p.relative_to(SRC / folder).as_posix() for p in (SRC / folder).rglob("*.py")
+                   if p.name != "__init__.py"}
+        named = set(re.findall(r"`([\w/]+\.py)`", entries[folder]))
+        nested = {f"{d}{m}" for d in re.findall(r"`(\w+/)`", entries[folder])
+                  for m in re.findall(r"`(\w+\.py)`", entries[folder])}
+        shown = {m for m in modules if m in named or m in nested}
+        assert shown == modules, f"{folder}: not in the map: {sorted(modules - shown)}"
+        assert all((SRC / folder / m).is_file() or any((SRC / folder / d / m).is_file()
+                   for d in re.findall(r"`(\w+)/`", entries[folder])) for m in named), folder

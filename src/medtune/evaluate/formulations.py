@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from medtune.evaluate.benchmarks import Item, stratified_sample
+from medtune.evaluate.sample import stratified_sample
 from medtune.evaluate.stats import answer_shares, macro_f1, paired_comparison, rstd, wilson_interval
+from medtune.formats.choice import Item
 
 FORMULATIONS = ("generate", "generate-circular", "loglik", "loglik-circular", "loglik-pride", "cloze", "cloze-norm")
 PRIMARY = {"generate": "generate", "loglik": "loglik", "cloze": "cloze-norm"}  # the row summary["models"] shows

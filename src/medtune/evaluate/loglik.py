@@ -16,7 +16,7 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from medtune.evaluate.benchmarks import Item
+from medtune.formats.choice import Item
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

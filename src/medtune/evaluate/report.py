@@ -18,8 +18,8 @@ from typing import Any
 
 from medtune import DISCLAIMER
 from medtune.artifacts import atomic_write_bytes, atomic_write_text
-from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.stats import ALPHA
+from medtune.formats.choice import Item
 
 MODE_LINES = {
     "generate": "zero-shot chain of thought with the model's chat template, greedy, at most {max_new_tokens} new "

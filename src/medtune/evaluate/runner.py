@@ -18,12 +18,11 @@ from typing import Any, Protocol
 
 from medtune.answers import extract_letter
 from medtune.engines import Engine
-from medtune.evaluate.benchmarks import Item
 from medtune.evaluate.formulations import shift_of
 from medtune.evaluate.hf import BatchedGenerator
 from medtune.evaluate.loglik import LoglikScorer, choose, cloze_request, loglik_request, normalized
-from medtune.evaluate.prompts import multiple_choice_prompt
 from medtune.evaluate.stats import wilson_interval
+from medtune.formats.choice import Item, question_prompt
 
 
 class Solver(Protocol):
@@ -60,7 +59,7 @@ class EngineSolver:
     def solve(self, items: list[Item]) -> list[dict[str, Any]]:
         records = []
         for item in items:
-            prompt = multiple_choice_prompt(item)
+            prompt = question_prompt(item)
             result = self.engine.complete([{"role": "user", "content": prompt}], temperature=0.0, top_p=1.0,
                                           max_tokens=self.max_new_tokens)
             records.append(_generated(item, prompt, result))
@@ -77,7 +76,7 @@ class BatchedSolver:
         self.batch_size = generator.batch_size
 
     def solve(self, items: list[Item]) -> list[dict[str, Any]]:
-        prompts = [multiple_choice_prompt(item) for item in items]
+        prompts = [question_prompt(item) for item in items]
         results = self.generator.generate([[{"role": "user", "content": p}] for p in prompts], self.max_new_tokens)
         return [_generated(item, prompt, result) for item, prompt, result in zip(items, prompts, results)]
 

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from medtune.config import BenchmarkConfig, Config, EvalConfig
 from medtune.errors import MedtuneError
-from medtune.evaluate.benchmarks import BENCHMARK_LOADERS
 from medtune.evaluate.suite import check_model, evaluate_models
+from medtune.formats.benchmarks import BENCHMARK_LOADERS
 from medtune.models import resolve_base
 from medtune.sampling import N_CTX
 from medtune.ui import UI

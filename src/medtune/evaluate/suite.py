@@ -28,7 +28,6 @@ from medtune.artifacts import atomic_write_json, fingerprint
 from medtune.config import EvalConfig
 from medtune.engines import open_engine
 from medtune.errors import MedtuneError
-from medtune.evaluate.benchmarks import Item, load_benchmark, stratified_sample
 from medtune.evaluate.formulations import (
     NOT_APPLICABLE,
     PRIMARY,
@@ -53,8 +52,10 @@ from medtune.evaluate.runner import (
     read_records,
     summarize,
 )
+from medtune.evaluate.sample import stratified_sample
 from medtune.evaluate.stats import answer_shares, paired_comparison
-from medtune.formats.choice import PUBMEDQA_OPTIONS
+from medtune.formats.benchmarks import load_benchmark
+from medtune.formats.choice import PUBMEDQA_OPTIONS, Item
 from medtune.models import default_device, load_hf
 from medtune.ui import UI
 

@@ -1,4 +1,4 @@
-"""Sampling benchmark items for evaluation; the loaders live in `medtune.formats.benchmarks` (shared with data)."""
+"""A stratified sample of benchmark items (`eval.limit`); the loaders live in `medtune.formats.benchmarks`."""
 
 from __future__ import annotations
 
@@ -8,20 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from medtune.errors import MedtuneError
-from medtune.formats.benchmarks import (
-    BENCHMARK_LOADERS,
-    MMLU_MEDICAL,
-    load_benchmark,
-    load_medmcqa,
-    load_medmcqa_hub,
-    load_mmlu,
-    load_multiple_choice,
-    load_pubmedqa,
-)
 from medtune.formats.choice import Item
-
-__all__ = ["BENCHMARK_LOADERS", "MMLU_MEDICAL", "Item", "load_benchmark", "load_medmcqa", "load_medmcqa_hub",
-           "load_mmlu", "load_multiple_choice", "load_pubmedqa", "stratified_sample"]
 
 
 def _apportion(sizes: dict[Any, int], limit: int) -> dict[Any, int]:
