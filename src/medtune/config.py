@@ -274,11 +274,6 @@ class Config(Section):
                              "or add a pairs section")
         return self
 
-    def section_dump(self, name: str) -> dict[str, Any]:
-        """A stage's section as plain JSON-able data (used for fingerprints and manifests)."""
-        return getattr(self, name).model_dump(mode="json", by_alias=True)
-
-
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-4, true, null, [a, b] all mean what they say."""
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.errors import MedtuneError
-from medtune.sampling import N_CTX
+from medtune.sampling import N_CTX, context_size
 
 Messages = list[dict[str, str]]
 
@@ -123,7 +123,7 @@ class HFEngine(Engine):
             raise MedtuneError(f"{path}: neither an HF model directory (config.json) nor a PEFT adapter")
         self.model, self.tokenizer = load_hf(path, device=device)
         self.eos_ids = set(end_of_turn_ids(self.model, self.tokenizer))
-        self.n_ctx = getattr(self.model.config, "max_position_embeddings", 4096)
+        self.n_ctx = context_size(self.model.config)
         self.seed = seed
 
     def stream(self, messages: Messages, temperature: float, top_p: float, max_tokens: int) -> Iterator[str]:

@@ -7,3 +7,8 @@ TEMPERATURE = 0.7
 TOP_P = 0.9
 MAX_TOKENS = 1024  # most new tokens in one reply
 N_CTX = 4096  # context window a GGUF model is opened with (tokens)
+
+
+def context_size(config: object) -> int:
+    """The context an HF model is run with: its trained positions, or N_CTX when its config does not say."""
+    return getattr(config, "max_position_embeddings", None) or N_CTX

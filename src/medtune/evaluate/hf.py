@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from medtune.errors import MedtuneError
 from medtune.models import chat_prompt_ids, end_of_turn_ids
+from medtune.sampling import context_size
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,7 +27,7 @@ class BatchedGenerator:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = end_of_turn_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.n_ctx = getattr(model.config, "max_position_embeddings", 4096)
+        self.n_ctx = context_size(model.config)
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)

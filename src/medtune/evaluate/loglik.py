@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medtune.formats.choice import Item
+from medtune.sampling import context_size
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,7 +84,7 @@ class LoglikScorer:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
-        self.max_length = getattr(model.config, "max_position_embeddings", 2048)
+        self.max_length = context_size(model.config)
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def rows(self, request: Request) -> list[_Row]:

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from medtune.config import BenchmarkConfig, Config, EvalConfig
 from medtune.errors import MedtuneError
-from medtune.evaluate.suite import check_model, evaluate_models
+from medtune.evaluate.suite import SCORED, check_model, evaluate_models
 from medtune.formats.benchmarks import BENCHMARK_LOADERS
-from medtune.models import resolve_base
+from medtune.models import package_file, resolve_base
 from medtune.sampling import N_CTX
 from medtune.ui import UI
 
@@ -47,8 +47,11 @@ def parse_benchmarks(specs: list[str]) -> list[BenchmarkConfig]:
     return benchmarks
 
 
-def resolve_model(ref: str) -> Path:
-    """A .gguf file, an HF model or adapter directory, or a hub id (checked on the hub unless HF_HUB_OFFLINE=1)."""
+def resolve_model(ref: str, scoring: bool = False) -> Path:
+    """A .gguf file, an HF model or adapter directory, a hub id (checked on the hub unless HF_HUB_OFFLINE=1), or a
+    `pkg:` GGUF as `base.model` takes it (its file; with `scoring`, its transformers form, which scoring needs)."""
+    if ref.startswith("pkg:"):
+        return Path(resolve_base(ref)) if scoring else package_file(ref)
     path = Path(ref)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -85,7 +88,7 @@ def run(models: list[str], benchmarks: list[str], out: Path, ui: UI, *, mode: st
     except ValidationError as exc:
         first = exc.errors()[0]
         raise MedtuneError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    paths = {ref: resolve_model(ref) for ref in models}
+    paths = {ref: resolve_model(ref, scoring=mode in SCORED) for ref in models}
     for ref, path in paths.items():
         check_model(ref, path, mode, "--model")
     out.mkdir(parents=True, exist_ok=True)

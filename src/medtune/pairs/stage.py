@@ -45,6 +45,7 @@ from medtune.formats.benchmarks import load_benchmark
 from medtune.formats.choice import BadItem, Item, pubmedqa_item, question_prompt, reasonmed_record
 from medtune.formats.files import iter_raw_records
 from medtune.formats.relabel import Balancer, LetterStats, balance_one, read, shares
+from medtune.sampling import context_size
 from medtune.ui import UI
 
 GPU_BATCH, CPU_BATCH = 64, 8  # replies per generate call when pairs.batch_size is unset (CPU: see README)
@@ -206,7 +207,7 @@ class HFSampler:
         ensure_pad_token(self.tokenizer)
         self.stop_ids = end_of_turn_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
-        self.n_ctx = getattr(self.model.config, "max_position_embeddings", 4096)
+        self.n_ctx = context_size(self.model.config)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
 
     def __call__(self, conversations: list[Messages], n: int, seed: int) -> list[list[dict[str, Any]]]:
