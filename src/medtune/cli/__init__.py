@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -86,7 +85,7 @@ def _run_stages(config: Path, overrides: list[str] | None, names: list[str], for
             else:
                 run_all(cfg, run_dir, ui, force=force)
         if main:
-            from medtune.summary import print_summary
+            from medtune.cli.summary import print_summary
 
             print_summary(cfg, run_dir, console)
             from medtune.report import REPORT
@@ -371,6 +370,3 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
         console.print(f"medtune {__version__}")
         raise typer.Exit(0)
 
-
-if __name__ == "__main__":
-    sys.exit(app())
