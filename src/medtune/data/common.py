@@ -1,8 +1,10 @@
 """What the data stage's two record kinds (conversations: stage.py; preference pairs: pair_records.py) share: the source
-path, the contamination guard, batching, length percentiles and the writer of a split's arrays."""
+path, the contamination guard, batching, length percentiles, the writer of a split's arrays and the stage's last
+step (strict, nothing usable, the files written)."""
 
 from __future__ import annotations
 
+import json
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -13,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from medtune.artifacts import PAIRS, RunDir
-from medtune.config import Config
+from medtune.config import Config, DataConfig
 from medtune.contamination import ContaminationGuard, guard_for, question_stem
 from medtune.data.formatting import Encoded
 from medtune.data.packing import efficiency, pack
 from medtune.data.sources import Rejection
+from medtune.errors import MedtuneError
 from medtune.hub import hub_file
 
 BATCH = 512
@@ -99,3 +102,31 @@ def percentiles(values: list[int]) -> dict[str, float]:
         return {}
     arr = np.asarray(values)
     return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} | {"max": int(arr.max())}
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def finish(out: Path, source: str, dc: DataConfig, splits: dict[str, SplitWriter], rejected: list[Rejection],
+           contaminated: list[dict[str, Any]], used: int, packing: bool, what: str = "record") -> dict[str, Any]:
+    """What both record kinds end with: data.strict, nothing usable, the splits written, rejected.jsonl and
+    contamination.jsonl; returns each split's facts."""
+    if dc.strict and rejected:
+        shown = "; ".join(str(r) for r in rejected[:3])
+        raise MedtuneError(f"{source}: {len(rejected)} record(s) rejected and data.strict is on: {shown}", exit_code=1)
+    if not used:
+        raise MedtuneError(f"{source}: no usable {what} ({len(rejected)} rejected; see {out / 'rejected.jsonl'})")
+    split_info = {name: w.write(out, name, dc.max_len, packing) for name, w in splits.items()}
+    write_jsonl(out / "rejected.jsonl", (asdict(r) for r in rejected))
+    write_jsonl(out / "contamination.jsonl", contaminated)
+    return split_info
+
+
+def split_facts(split_info: dict[str, Any]) -> dict[str, Any]:
+    """The report's split lines, the same for both record kinds."""
+    return {"train_rows": split_info["train"]["rows"], "val_rows": split_info["val"]["rows"],
+            "train_tokens": split_info["train"]["tokens"], "trained_tokens": split_info["train"]["trained_tokens"],
+            "splits": split_info}

@@ -9,7 +9,9 @@ end-of-turn token. The model so still learns to finish every answer with its con
 from __future__ import annotations
 
 import re
+from collections import Counter
 
+from medtune.answers import final_answer
 from medtune.data.formatting import ChatFormatter, Encoded
 
 MARKER = "\n[...]\n"
@@ -41,3 +43,31 @@ def keep_answer(enc: Encoded, reply: str, max_len: int, formatter: ChatFormatter
     ids = enc.input_ids[:start] + reply_ids + [formatter.eot_id]
     mask = enc.loss_mask[:start] + [1] * (len(reply_ids) + 1)
     return Encoded(ids, mask, [*enc.reply_spans[:-1], (start, start + len(reply_ids))])
+
+
+def fit(enc: Encoded, reply: str, question: str, max_len: int, policy: str, formatter: ChatFormatter,
+        counts: Counter) -> Encoded | None:
+    """`enc` within `max_len` by the length policy, counted in `counts` (truncated, truncated_answer_cut,
+    shortened_keep_answer); None when it cannot be kept (policy drop, or no room left for the answer)."""
+    if len(enc.input_ids) <= max_len:
+        return enc
+    if policy == "drop":
+        return None
+    if policy == "keep_answer":
+        shortened = keep_answer(enc, reply, max_len, formatter)
+        counts["shortened_keep_answer"] += shortened is not None
+        return shortened
+    counts["truncated"] += 1
+    enc = truncate(enc, max_len)
+    answer = final_answer(reply, question)
+    kept = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+    if answer is not None and final_answer(formatter.tokenizer.decode(kept), question) != answer:
+        counts["truncated_answer_cut"] += 1
+    return enc
+
+
+def too_long(policy: str, tokens: int, prompt_tokens: int) -> tuple[str, str]:
+    """(reason, detail) of an example `fit` could not keep."""
+    if policy == "drop":
+        return "longer than data.max_len", f"{tokens} tokens"
+    return "prompt leaves no room for the answer", f"{prompt_tokens} prompt tokens"

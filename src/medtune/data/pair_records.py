@@ -31,7 +31,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,10 @@ from medtune.data.common import (
     contamination_guard,
     data_path,
     dropped_as_contaminated,
+    finish,
     percentiles,
+    split_facts,
+    write_jsonl,
 )
 from medtune.data.formatting import ChatFormatter, Encoded
 from medtune.data.sources import DEFAULT_MAX_CHARS, ROLES, Rejection, _BadRecord, _describe_keys, _text, detect_schema
@@ -270,37 +273,10 @@ def encode_pairs(formatter: ChatFormatter, pairs: list[Pair]) -> list[tuple[Enco
     return list(zip(encoded[0::2], encoded[1::2]))
 
 
-def _fit(enc: Encoded, reply: str, question: str, cfg: Config, formatter: ChatFormatter,
-         stats: Counter) -> Encoded | None:
-    """`enc` within data.max_len by data.length_policy (counted in `stats`); None when it cannot be kept."""
-    dc = cfg.data
-    if len(enc.input_ids) <= dc.max_len:
-        return enc
-    if dc.length_policy == "drop":
-        return None
-    if dc.length_policy == "keep_answer":
-        shortened = length_policy.keep_answer(enc, reply, dc.max_len, formatter)
-        stats["shortened_keep_answer"] += shortened is not None
-        return shortened
-    stats["truncated"] += 1
-    enc = length_policy.truncate(enc, dc.max_len)
-    answer = final_answer(reply, question)
-    kept = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
-    if answer is not None and final_answer(formatter.tokenizer.decode(kept), question) != answer:
-        stats["truncated_answer_cut"] += 1
-    return enc
-
-
 def _is_validation(pair: Pair, seed: int, fraction: float) -> bool:
     digest = hashlib.blake2b(json.dumps(pair.prompt, sort_keys=True).encode(), digest_size=8,
                              key=str(seed).encode()).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
@@ -341,8 +317,8 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
             for side in SIDES:
                 lengths[side].append(sizes[side])
                 stats[side]["over_max_len"] += sizes[side] > dc.max_len
-            fitted = [_fit(enc, getattr(pair, side), pair.question(), cfg, formatter, stats[side])
-                      for side, enc in zip(SIDES, encs)]
+            fitted = [length_policy.fit(enc, getattr(pair, side), pair.question(), dc.max_len, dc.length_policy,
+                                        formatter, stats[side]) for side, enc in zip(SIDES, encs)]
             problem = None
             if None in fitted:
                 over = ", ".join(f"{side} {n} tokens" for side, n in sizes.items() if n > dc.max_len)
@@ -363,17 +339,9 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
                 answers[side][final_answer(getattr(pair, side), pair.question()) or "none"] += 1
 
     used = len(index["train"]) + len(index["val"])
-    if dc.strict and rejected:
-        shown = "; ".join(str(r) for r in rejected[:3])
-        raise MedtuneError(f"{source}: {len(rejected)} record(s) rejected and data.strict is on: {shown}", exit_code=1)
-    if not used:
-        raise MedtuneError(f"{source}: no usable preference pair ({len(rejected)} rejected; see "
-                           f"{out / 'rejected.jsonl'})")
-    split_info = {name: w.write(out, name, dc.max_len, packing=False) for name, w in splits.items()}
+    split_info = finish(out, str(source), dc, splits, rejected, contaminated, used, False, "preference pair")
     for name, rows in index.items():
-        _write_jsonl(out / f"{name}.pairs.jsonl", rows)
-    _write_jsonl(out / "rejected.jsonl", [asdict(r) for r in rejected])
-    _write_jsonl(out / "contamination.jsonl", contaminated)
+        write_jsonl(out / f"{name}.pairs.jsonl", rows)
 
     replies = {
         side: {
@@ -394,11 +362,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
         "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
         "pairs": {name: len(rows) for name, rows in index.items()},
-        "train_rows": split_info["train"]["rows"],
-        "val_rows": split_info["val"]["rows"],
-        "train_tokens": split_info["train"]["tokens"],
-        "trained_tokens": split_info["train"]["trained_tokens"],
-        "splits": split_info,
+        **split_facts(split_info),
         "max_len": dc.max_len,
         "length_policy": dc.length_policy,
         "replies": replies,  # lengths: whole conversations (prompt + that reply), before data.length_policy

@@ -25,12 +25,11 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from medtune.answers import final_answer
 from medtune.artifacts import RunDir, atomic_write_json
 from medtune.config import Config
 from medtune.data import lengths as length_policy
@@ -41,7 +40,9 @@ from medtune.data.common import (
     contamination_guard,
     data_path,
     dropped_as_contaminated,
+    finish,
     percentiles,
+    split_facts,
 )
 from medtune.data.formatting import ChatFormatter
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
@@ -111,47 +112,22 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
             if dropped_as_contaminated(guard, conv.location, conv.messages, dc.contamination, contaminated, rejected):
                 continue
             lengths.append(len(enc.input_ids))
-            if len(enc.input_ids) > dc.max_len:
-                counts["over_max_len"] += 1
-                reply = conv.messages[-1]["content"]
-                if dc.length_policy == "drop":
-                    rejected.append(Rejection(conv.location, "longer than data.max_len",
-                                              f"{len(enc.input_ids)} tokens"))
-                    continue
-                if dc.length_policy == "keep_answer":
-                    shortened = length_policy.keep_answer(enc, reply, dc.max_len, formatter)
-                    if shortened is None:
-                        rejected.append(Rejection(conv.location, "prompt leaves no room for the answer",
-                                                  f"{enc.reply_spans[-1][0]} prompt tokens"))
-                        continue
-                    enc = shortened
-                    counts["shortened_keep_answer"] += 1
-                else:
-                    counts["truncated"] += 1
-                    enc = length_policy.truncate(enc, dc.max_len)
-                    question = next(m["content"] for m in reversed(conv.messages) if m["role"] == "user")
-                    answer = final_answer(reply, question)
-                    kept = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
-                    if answer is not None and final_answer(tokenizer.decode(kept), question) != answer:
-                        counts["truncated_answer_cut"] += 1
+            counts["over_max_len"] += len(enc.input_ids) > dc.max_len
+            question = next(m["content"] for m in reversed(conv.messages) if m["role"] == "user")
+            fitted = length_policy.fit(enc, conv.messages[-1]["content"], question, dc.max_len, dc.length_policy,
+                                       formatter, counts)
+            if fitted is None:
+                rejected.append(Rejection(conv.location, *length_policy.too_long(
+                    dc.length_policy, len(enc.input_ids), enc.reply_spans[-1][0])))
+                continue
+            enc = fitted
             if not any(enc.loss_mask):
                 rejected.append(Rejection(conv.location, "no assistant token left inside data.max_len"))
                 continue
             counts["used"] += 1
             splits["val" if is_validation(conv, cfg.seed, dc.val_fraction) else "train"].add(enc)
 
-    if dc.strict and rejected:
-        shown = "; ".join(str(r) for r in rejected[:3])
-        raise MedtuneError(f"{source}: {len(rejected)} record(s) rejected and data.strict is on: {shown}", exit_code=1)
-    if not counts["used"]:
-        raise MedtuneError(f"{source}: no usable record ({len(rejected)} rejected; see {out / 'rejected.jsonl'})")
-    split_info = {name: w.write(out, name, dc.max_len, dc.packing) for name, w in splits.items()}
-    with open(out / "rejected.jsonl", "w", encoding="utf-8") as fh:
-        for r in rejected:
-            fh.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-    with open(out / "contamination.jsonl", "w", encoding="utf-8") as fh:
-        for c in contaminated:
-            fh.write(json.dumps(c, ensure_ascii=False) + "\n")
+    split_info = finish(out, source, dc, splits, rejected, contaminated, counts["used"], dc.packing)
 
     over = counts["over_max_len"]
     report = {
@@ -161,11 +137,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
         "used": counts["used"],
         "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
-        "train_rows": split_info["train"]["rows"],
-        "val_rows": split_info["val"]["rows"],
-        "train_tokens": split_info["train"]["tokens"],
-        "trained_tokens": split_info["train"]["trained_tokens"],
-        "splits": split_info,
+        **split_facts(split_info),
         "max_len": dc.max_len,
         "length_policy": dc.length_policy,
         "lengths": percentiles(lengths),
