@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from itertools import islice
@@ -125,8 +126,23 @@ def finish(out: Path, source: str, dc: DataConfig, splits: dict[str, SplitWriter
     return split_info
 
 
-def split_facts(split_info: dict[str, Any]) -> dict[str, Any]:
-    """The report's split lines, the same for both record kinds."""
-    return {"train_rows": split_info["train"]["rows"], "val_rows": split_info["val"]["rows"],
+def report_head(source: str, kind: str, read: int, used: int, rejected: list[Rejection],
+                split_info: dict[str, Any], dc: DataConfig) -> dict[str, Any]:
+    """The report's first lines, the same for both record kinds: what was read, used and rejected, the splits."""
+    return {"source": source, "record_kind": kind, "records_read": read, "used": used, "rejected": len(rejected),
+            "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
+            "train_rows": split_info["train"]["rows"], "val_rows": split_info["val"]["rows"],
             "train_tokens": split_info["train"]["tokens"], "trained_tokens": split_info["train"]["trained_tokens"],
-            "splits": split_info}
+            "splits": split_info, "max_len": dc.max_len, "length_policy": dc.length_policy}
+
+
+def report_tail(contaminated: list[dict[str, Any]], dc: DataConfig, eot: str, pad: str | None) -> dict[str, Any]:
+    """The report's lines on contamination and the chat format, the same for both record kinds."""
+    return {"contaminated": len(contaminated), "contamination_policy": dc.contamination, "end_of_turn_token": eot,
+            "pad_token": pad, "system_prompt": dc.system_prompt}
+
+
+def log_contamination(ui: Any, contaminated: list[dict[str, Any]], dc: DataConfig, what: str) -> None:
+    if contaminated:
+        ui.log(f"[yellow]data: {len(contaminated)} {what} overlap an evaluation question "
+               f"({'dropped' if dc.contamination == 'drop' else 'kept'}; see contamination.jsonl)[/]")

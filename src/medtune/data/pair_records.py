@@ -48,8 +48,10 @@ from medtune.data.common import (
     data_path,
     dropped_as_contaminated,
     finish,
+    log_contamination,
     percentiles,
-    split_facts,
+    report_head,
+    report_tail,
     write_jsonl,
 )
 from medtune.data.formatting import ChatFormatter, Encoded
@@ -355,25 +357,13 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
         for side in SIDES
     }
     report = {
-        "source": str(source),
-        "record_kind": "pairs",
-        "records_read": read,
-        "used": used,
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
+        **report_head(str(source), "pairs", read, used, rejected, split_info, dc),
         "pairs": {name: len(rows) for name, rows in index.items()},
-        **split_facts(split_info),
-        "max_len": dc.max_len,
-        "length_policy": dc.length_policy,
         "replies": replies,  # lengths: whole conversations (prompt + that reply), before data.length_policy
         # pairs are balanced where they are made (`medtune pairs`, pairs.balance_letters), not re-lettered here
         "letters": {f"{side}_answer_shares": shares(answers[side]) for side in SIDES},
         "packing": False,
-        "contaminated": len(contaminated),
-        "contamination_policy": dc.contamination,
-        "end_of_turn_token": formatter.eot,
-        "pad_token": tokenizer.pad_token,
-        "system_prompt": dc.system_prompt,
+        **report_tail(contaminated, dc, formatter.eot, tokenizer.pad_token),
     }
     atomic_write_json(out / "report.json", report)
     cut = {side: stats[side]["truncated_answer_cut"] for side in SIDES}
@@ -382,7 +372,5 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
            f"rejected ({dc.length_policy}; final answer cut: {cut['chosen']} chosen, {cut['rejected']} rejected)")
     if dc.packing:
         ui.log("data: data.packing does not apply to pairs (training puts the two replies of a pair in one row)")
-    if contaminated:
-        ui.log(f"[yellow]data: {len(contaminated)} pair(s) overlap an evaluation question "
-               f"({'dropped' if dc.contamination == 'drop' else 'kept'}; see contamination.jsonl)[/]")
+    log_contamination(ui, contaminated, dc, "pair(s)")
     return report

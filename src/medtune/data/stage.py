@@ -41,8 +41,10 @@ from medtune.data.common import (
     data_path,
     dropped_as_contaminated,
     finish,
+    log_contamination,
     percentiles,
-    split_facts,
+    report_head,
+    report_tail,
 )
 from medtune.data.formatting import ChatFormatter
 from medtune.data.sources import Conversation, Rejection, read_hub_records, read_records
@@ -131,26 +133,14 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
 
     over = counts["over_max_len"]
     report = {
-        "source": str(source),
-        "record_kind": "conversations",
-        "records_read": counts["read"],
-        "used": counts["used"],
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r.reason for r in rejected).most_common()),
-        **split_facts(split_info),
-        "max_len": dc.max_len,
-        "length_policy": dc.length_policy,
+        **report_head(str(source), "conversations", counts["read"], counts["used"], rejected, split_info, dc),
         "lengths": percentiles(lengths),
         "over_max_len": over,
         "share_over_max_len": round(over / max(1, len(lengths)), 4),
         "truncated": counts["truncated"],
         "truncated_answer_cut": counts["truncated_answer_cut"],
         "shortened_keep_answer": counts["shortened_keep_answer"],
-        "contaminated": len(contaminated),
-        "contamination_policy": dc.contamination,
-        "end_of_turn_token": formatter.eot,
-        "pad_token": tokenizer.pad_token,
-        "system_prompt": dc.system_prompt,
+        **report_tail(contaminated, dc, formatter.eot, tokenizer.pad_token),
         "letters": letters.report(dc.balance_letters),  # every record read as a conversation, before length checks
     }
     atomic_write_json(out / "report.json", report)
@@ -158,7 +148,5 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI) -> dict[str, Any]:
            f"{over} over {dc.max_len} tokens: {counts['truncated']} truncated ({counts['truncated_answer_cut']} lost "
            f"their final answer), {counts['shortened_keep_answer']} shortened keeping the answer")
     ui.log(f"data: {'balance_letters' if dc.balance_letters else 'balance_letters off'}: {letters.summary()}")
-    if contaminated:
-        ui.log(f"[yellow]data: {len(contaminated)} training record(s) overlap an evaluation question "
-               f"({'dropped' if dc.contamination == 'drop' else 'kept'}; see contamination.jsonl)[/]")
+    log_contamination(ui, contaminated, dc, "training record(s)")
     return report
