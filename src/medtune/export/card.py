@@ -190,6 +190,20 @@ def _evaluation(cfg: Config, run_dir: RunDir, summary: dict[str, Any] | None, re
     return [*lines, ""]
 
 
+def _measured_steps(train: dict[str, Any] | None, merge: dict[str, Any] | None) -> list[str]:
+    """What training and merging measured, from their reports (nothing when a stage left none)."""
+    lines = []
+    if train:
+        lines += ["", f"Training: {train.get('steps')} steps on {train.get('device')} ({train.get('precision')}), "
+                  f"final loss {_number(train.get('final_loss'))}, validation loss "
+                  f"{_number(train.get('val_loss_before'))} before and {_number(train.get('val_loss_after'))} after, "
+                  f"{_number(train.get('tokens_per_s'))} tokens/s."]
+    if merge:
+        lines += ["", f"Merge: {merge.get('dtype')}, max |logit difference| vs base + adapter "
+                  f"{_number(merge.get('max_logit_diff'))} (tolerance {merge.get('tolerance')})."]
+    return lines
+
+
 def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
                evaluation: dict[str, dict[str, Any]] | None = None) -> str:
     """README.md text for the export folder; `results` are the export's checks (the manifest's results),
@@ -241,14 +255,7 @@ def model_card(cfg: Config, run_dir: RunDir, results: dict[str, Any],
         f"{t.batch_size} x {t.grad_accum} accumulation, warm-up {t.warmup_steps} steps, precision {t.precision}"
         f"{', QLoRA (4-bit base)' if t.qlora else ''}; seed {cfg.seed}.",
     ]
-    if train:
-        lines += ["", f"Training: {train.get('steps')} steps on {train.get('device')} ({train.get('precision')}), "
-                  f"final loss {_number(train.get('final_loss'))}, validation loss "
-                  f"{_number(train.get('val_loss_before'))} before and {_number(train.get('val_loss_after'))} after, "
-                  f"{_number(train.get('tokens_per_s'))} tokens/s."]
-    if merge:
-        lines += ["", f"Merge: {merge.get('dtype')}, max |logit difference| vs base + adapter "
-                  f"{_number(merge.get('max_logit_diff'))} (tolerance {merge.get('tolerance')})."]
+    lines += _measured_steps(train, merge)
     tables = [line for rel_dir, summary in (evaluation or {}).items()
               for line in _evaluation(cfg, run_dir, summary, rel_dir)]
     if tables:
