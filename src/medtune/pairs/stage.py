@@ -314,6 +314,56 @@ def _work_key(cfg: Config, questions: list[Question], batch: int) -> str:
     })
 
 
+def _outside_evaluation(questions: list[Question], guard: Any, limit: int | None
+                        ) -> tuple[list[Question], list[dict[str, Any]]]:
+    """The questions to sample (at most `limit`) and those refused as matching an evaluation question."""
+    refused: list[dict[str, Any]] = []
+    kept: list[Question] = []
+    for q in questions:
+        matches = guard.check(q.stem) if guard is not None else []
+        if matches:
+            refused.append({"index": q.index, "id": q.id, "matches": [
+                {"benchmark": m.benchmark, "item": m.item_id, "kind": m.kind, "score": m.score} for m in matches]})
+        elif limit is None or len(kept) < limit:
+            kept.append(q)
+    return kept, refused
+
+
+def _sample_group(group: list[Question], sampler: Sampler, k: int, batch: int, seed: int,
+                  done: dict[int, list[dict[str, Any]]], fh: Any) -> None:
+    """`k` graded replies to each question of `group`, into `done` and appended (synced) to the work file."""
+    conversations = [[{"role": "user", "content": q.prompt}] for q in group]
+    replies: list[list[Any]] = [[] for _ in group]
+    for chunk, start in enumerate(range(0, k, batch)):  # k > batch: one question over several calls
+        n = min(batch, k - start)
+        for i, got in enumerate(sampler(conversations, n, group_seed(seed, group[0].index, chunk))):
+            replies[i] += got[:n]
+    lines = []
+    for q, got in zip(group, replies):
+        if len(got) != k:
+            raise MedtuneError(f"pairs: the sampler gave {len(got)} replies to question {q.id}, not {k}")
+        done[q.index] = [grade(q, reply, j) for j, reply in enumerate(got)]
+        lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in done[q.index]]
+    fh.write("".join(lines))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _pair_all(kept: list[Question], done: dict[int, list[dict[str, Any]]], pc: PairsConfig
+              ) -> tuple[list[dict[str, Any]], dict[str, int], int]:
+    """Every question's pairs, how many questions gave none (all right, all wrong), and how many used the reference."""
+    pairs: list[dict[str, Any]] = []
+    skipped = {"all_right": 0, "all_wrong": 0}
+    with_reference = 0
+    for q in kept:
+        made, reason = make_pairs(q, done[q.index], pc.max_pairs_per_question, pc.include_reference)
+        if reason:
+            skipped[reason] += 1
+        with_reference += any(p["chosen"][0]["content"] == q.reference for p in made)
+        pairs += made
+    return pairs, skipped, with_reference
+
+
 def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None = None) -> dict[str, Any]:
     """Sample, grade and pair; `sampler` replaces the HF model (tests)."""
     pc = cfg.pairs
@@ -322,16 +372,7 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
                            "make preference pairs")
     started = time.monotonic()
     questions, unusable = load_questions(pc)
-    guard = guard_for(cfg.eval.benchmarks)
-    refused: list[dict[str, Any]] = []
-    kept: list[Question] = []
-    for q in questions:
-        matches = guard.check(q.stem) if guard is not None else []
-        if matches:
-            refused.append({"index": q.index, "id": q.id, "matches": [
-                {"benchmark": m.benchmark, "item": m.item_id, "kind": m.kind, "score": m.score} for m in matches]})
-        elif pc.limit is None or len(kept) < pc.limit:
-            kept.append(q)
+    kept, refused = _outside_evaluation(questions, guard_for(cfg.eval.benchmarks), pc.limit)
     if refused:
         ui.log(f"pairs: refused {len(refused)} of {len(questions)} questions found in the run's evaluation sets")
     if not kept:
@@ -356,32 +397,10 @@ def run(cfg: Config, run_dir: RunDir, out: Path, ui: UI, sampler: Sampler | None
         sampler = HFSampler(_model_spec(cfg), pc.temperature, pc.top_p, pc.max_new_tokens)
     with open(work / "samples.jsonl", "a", encoding="utf-8") as fh:
         for group in todo:
-            conversations = [[{"role": "user", "content": q.prompt}] for q in group]
-            replies: list[list[Any]] = [[] for _ in group]
-            for chunk, start in enumerate(range(0, k, batch)):  # k > batch: one question over several calls
-                n = min(batch, k - start)
-                for i, got in enumerate(sampler(conversations, n, group_seed(cfg.seed, group[0].index, chunk))):
-                    replies[i] += got[:n]
-            lines = []
-            for q, got in zip(group, replies):
-                if len(got) != k:
-                    raise MedtuneError(f"pairs: the sampler gave {len(got)} replies to question {q.id}, not {k}")
-                done[q.index] = [grade(q, reply, j) for j, reply in enumerate(got)]
-                lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in done[q.index]]
-            fh.write("".join(lines))
-            fh.flush()
-            os.fsync(fh.fileno())
+            _sample_group(group, sampler, k, batch, cfg.seed, done, fh)
             ui.update(task, advance=len(group))
 
-    pairs: list[dict[str, Any]] = []
-    skipped = {"all_right": 0, "all_wrong": 0}
-    with_reference = 0
-    for q in kept:
-        made, reason = make_pairs(q, done[q.index], pc.max_pairs_per_question, pc.include_reference)
-        if reason:
-            skipped[reason] += 1
-        with_reference += any(p["chosen"][0]["content"] == q.reference for p in made)
-        pairs += made
+    pairs, skipped, with_reference = _pair_all(kept, done, pc)
     samples = [s for q in kept for s in done[q.index]]
     _write_jsonl(out / "pairs.jsonl", pairs)
     _write_jsonl(out / "samples.jsonl", samples)
