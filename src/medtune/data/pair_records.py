@@ -38,7 +38,7 @@ from typing import Any
 
 from medtune.answers import final_answer
 from medtune.artifacts import atomic_write_json
-from medtune.config import Config
+from medtune.config import Config, DataConfig
 from medtune.data import lengths as length_policy
 from medtune.data.common import (
     BATCH,
@@ -281,6 +281,32 @@ def _is_validation(pair: Pair, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+def _fit_pair(pair: Pair, encs: list[Encoded], dc: DataConfig, formatter: ChatFormatter,
+              stats: dict[str, Counter]) -> tuple[list[Encoded], tuple[str, str] | None]:
+    """Both replies within data.max_len by the length policy (counted per side), or why the pair cannot be kept."""
+    fitted = [length_policy.fit(enc, getattr(pair, side), pair.question(), dc.max_len, dc.length_policy,
+                                formatter, stats[side]) for side, enc in zip(SIDES, encs)]
+    prompt = f"{encs[0].reply_spans[-1][0]} prompt tokens"
+    if None in fitted:
+        over = ", ".join(f"{side} {len(enc.input_ids)} tokens" for side, enc in zip(SIDES, encs)
+                         if len(enc.input_ids) > dc.max_len)
+        return fitted, (("longer than data.max_len", over) if dc.length_policy == "drop"
+                        else ("prompt leaves no room for the answer", prompt))
+    if not all(any(enc.loss_mask) for enc in fitted):
+        return fitted, ("no assistant token left inside data.max_len", prompt)
+    if fitted[0].input_ids == fitted[1].input_ids:
+        return fitted, ("chosen and rejected are identical inside data.max_len", f"{dc.max_len} tokens")
+    return fitted, None
+
+
+def _reply_facts(lengths: list[int], stats: Counter) -> dict[str, Any]:
+    """One side's lengths (whole conversations, before the length policy) and what the policy did to it."""
+    return {"lengths": percentiles(lengths), "over_max_len": stats["over_max_len"],
+            "share_over_max_len": round(stats["over_max_len"] / max(1, len(lengths)), 4),
+            "truncated": stats["truncated"], "truncated_answer_cut": stats["truncated_answer_cut"],
+            "shortened_keep_answer": stats["shortened_keep_answer"]}
+
+
 def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
     """The data stage for preference pairs: write prepared/ into `out`; return the report."""
     dc = cfg.data
@@ -315,21 +341,10 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
             if dropped_as_contaminated(guard, pair.location, pair.prompt, dc.contamination, contaminated, rejected,
                                        "pairs"):
                 continue
-            sizes = {side: len(enc.input_ids) for side, enc in zip(SIDES, encs)}
-            for side in SIDES:
-                lengths[side].append(sizes[side])
-                stats[side]["over_max_len"] += sizes[side] > dc.max_len
-            fitted = [length_policy.fit(enc, getattr(pair, side), pair.question(), dc.max_len, dc.length_policy,
-                                        formatter, stats[side]) for side, enc in zip(SIDES, encs)]
-            problem = None
-            if None in fitted:
-                over = ", ".join(f"{side} {n} tokens" for side, n in sizes.items() if n > dc.max_len)
-                problem = (("longer than data.max_len", over) if dc.length_policy == "drop"
-                           else ("prompt leaves no room for the answer", f"{encs[0].reply_spans[-1][0]} prompt tokens"))
-            elif not all(any(enc.loss_mask) for enc in fitted):
-                problem = ("no assistant token left inside data.max_len", f"{encs[0].reply_spans[-1][0]} prompt tokens")
-            elif fitted[0].input_ids == fitted[1].input_ids:
-                problem = ("chosen and rejected are identical inside data.max_len", f"{dc.max_len} tokens")
+            for side, enc in zip(SIDES, encs):
+                lengths[side].append(len(enc.input_ids))
+                stats[side]["over_max_len"] += len(enc.input_ids) > dc.max_len
+            fitted, problem = _fit_pair(pair, encs, dc, formatter, stats)
             if problem is not None:
                 rejected.append(Rejection(pair.location, *problem, "pairs"))
                 continue
@@ -345,17 +360,7 @@ def prepare_pairs(cfg: Config, out: Path, ui: UI) -> dict[str, Any]:
     for name, rows in index.items():
         write_jsonl(out / f"{name}.pairs.jsonl", rows)
 
-    replies = {
-        side: {
-            "lengths": percentiles(lengths[side]),
-            "over_max_len": stats[side]["over_max_len"],
-            "share_over_max_len": round(stats[side]["over_max_len"] / max(1, len(lengths[side])), 4),
-            "truncated": stats[side]["truncated"],
-            "truncated_answer_cut": stats[side]["truncated_answer_cut"],
-            "shortened_keep_answer": stats[side]["shortened_keep_answer"],
-        }
-        for side in SIDES
-    }
+    replies = {side: _reply_facts(lengths[side], stats[side]) for side in SIDES}
     report = {
         **report_head(str(source), "pairs", read, used, rejected, split_info, dc),
         "pairs": {name: len(rows) for name, rows in index.items()},
