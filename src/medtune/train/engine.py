@@ -105,12 +105,11 @@ def optimizer_step(setup: Setup, max_grad_norm: float) -> tuple[torch.Tensor, fl
     return grad_norm, lr
 
 
-def fit(setup: Setup, objective: Objective, train_items: list[Any], val_items: list[Any], ckpt_root: Path,
-        ui: UI) -> dict[str, Any]:
-    """Train from the newest checkpoint under `ckpt_root` (or the start) to `setup.total_steps`; returns the
-    numbers of the run (the adapter stays in `setup.model`)."""
-    cfg, tc, dist = setup.cfg, setup.cfg.train, setup.dist
-    total_steps, params = setup.total_steps, setup.params
+def _start(setup: Setup, objective: Objective, val_items: list[Any], ckpt_root: Path,
+           ui: UI) -> tuple[int, MetricsLog | None, float | None]:
+    """Where training starts: the newest checkpoint every process sees (or step 0), the metrics log (the main
+    process's), and the validation loss before the first step (measured now, or read from the resumed run's log)."""
+    tc, dist = setup.cfg.train, setup.dist
     start_step = 0
     found = checkpoint.latest(ckpt_root)
     seen = dist.everyone(found.name if found else None)
@@ -120,19 +119,30 @@ def fit(setup: Setup, objective: Objective, train_items: list[Any], val_items: l
                            "storage they all share")
     if found is not None:
         start_step = checkpoint.load(found, setup.model, setup.optimizer, setup.scheduler, setup.scaler, dist.rank)
-        ui.log(f"train: resuming from {found} (step {start_step} of {total_steps})")
+        ui.log(f"train: resuming from {found} (step {start_step} of {setup.total_steps})")
     else:
-        dist.broadcast_(params)  # identical already; made certain, as DDP would
+        dist.broadcast_(setup.params)  # identical already; made certain, as DDP would
+    log = None
     if dist.main:
         log = MetricsLog(ckpt_root / "metrics.jsonl", ckpt_root / "tensorboard" if tc.tensorboard else None,
                          resume_step=start_step)
     if start_step == 0:
         val_before = evaluate(setup, objective, val_items)
-        if dist.main:
+        if log is not None:
             log.write({"step": 0, "val_loss": val_before})
     else:  # measured before the first step, by the run being resumed; read where the log is written
         val_before = next((m["val_loss"] for m in read_metrics(ckpt_root / "metrics.jsonl") if m["step"] == 0),
                           None) if dist.main else None
+    return start_step, log, val_before
+
+
+def fit(setup: Setup, objective: Objective, train_items: list[Any], val_items: list[Any], ckpt_root: Path,
+        ui: UI) -> dict[str, Any]:
+    """Train from the newest checkpoint under `ckpt_root` (or the start) to `setup.total_steps`; returns the
+    numbers of the run (the adapter stays in `setup.model`)."""
+    cfg, tc, dist = setup.cfg, setup.cfg.train, setup.dist
+    total_steps = setup.total_steps
+    start_step, log, val_before = _start(setup, objective, val_items, ckpt_root, ui)
 
     upcoming = windows(objective, train_items, tc.batch_size, cfg.seed, setup.window, dist.rank, dist.world,
                        start_step)
