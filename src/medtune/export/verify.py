@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gguf import GGUFValueType, Keys
+
 from medtune.errors import MedtuneError
 from medtune.gguf_types import BY_NAME, TYPES
 
@@ -33,8 +35,11 @@ class Limits:
     require_answer: bool = True  # the chat answer must be non-empty and end at the end-of-turn token in time
 
 
-# GGUF value types (gguf-py's GGUFValueType) -> struct format; 8 is STRING, 9 is ARRAY.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# gguf-py's scalar value types -> struct format (STRING and ARRAY are read by `read_header` itself)
+_SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+            GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+            GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
 
 
 @dataclass
@@ -70,13 +75,13 @@ def read_header(path: Path) -> Header:
             nonlocal pos
             if kind in _SCALARS:
                 return take(_SCALARS[kind])
-            if kind == 8:
+            if kind == GGUFValueType.STRING:
                 return string()
-            if kind == 9:
+            if kind == GGUFValueType.ARRAY:
                 item, count = take("<I"), take("<Q")
                 if item in _SCALARS:
                     pos += count * struct.calcsize(_SCALARS[item])
-                elif item == 8:
+                elif item == GGUFValueType.STRING:
                     for _ in range(count):
                         n = take("<Q")
                         pos += n
@@ -116,13 +121,13 @@ def check_metadata(path: Path, gguf_type: str, chat_template: str | None, eot_id
     expected_ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     fields = header.fields
     checks = {
-        "architecture": fields.get("general.architecture"),
-        "file_type": fields.get("general.file_type"),
+        "architecture": fields.get(Keys.General.ARCHITECTURE),
+        "file_type": fields.get(Keys.General.FILE_TYPE),
         "expected_file_type": expected_ftype,
         "tensor_types": dict(histogram),
         "vector_types": dict(vectors),
-        "chat_template_matches": fields.get("tokenizer.chat_template") == chat_template,
-        "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
+        "chat_template_matches": fields.get(Keys.Tokenizer.CHAT_TEMPLATE) == chat_template,
+        "eos_token_id": fields.get(Keys.Tokenizer.EOS_ID),
         "expected_eos_token_id": eot_id,
     }
     problems = []
