@@ -13,6 +13,7 @@ from medtune.answers import final_answer
 from medtune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+MODEL_FILES = "smollm2-135m-medical-demo-*.gguf"  # the model files (gguf/ also holds imatrix.gguf)
 pytestmark = pytest.mark.e2e
 
 
@@ -57,7 +58,7 @@ def test_every_gguf_loads_answers_and_stops_at_end_of_turn(demo_run):
     from transformers import AutoTokenizer
 
     gguf_dir = demo_run[0] / "gguf"
-    names = sorted(p.name for p in gguf_dir.glob("*.gguf"))
+    names = sorted(p.name for p in gguf_dir.glob(MODEL_FILES))
     assert names == [f"smollm2-135m-medical-demo-{t}.gguf" for t in ("Q4_K_M", "Q5_K_M", "Q8_0", "fp16")]
     question = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
                 "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
@@ -83,7 +84,7 @@ def test_tensor_types_match_file_names(demo_run):
 
     expected_main = {"fp16": "F16", "Q8_0": "Q8_0", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K"}
     ftype = {"fp16": "F16", "Q8_0": "Q8_0", "Q5_K_M": "Q5_K_M", "Q4_K_M": "Q4_K_M"}
-    for path in (demo_run[0] / "gguf").glob("*.gguf"):
+    for path in (demo_run[0] / "gguf").glob(MODEL_FILES):
         suffix = path.stem.rsplit("-", 1)[1]
         reader = GGUFReader(path)
         field = reader.fields["general.file_type"]
@@ -95,6 +96,7 @@ def test_tensor_types_match_file_names(demo_run):
     manifest = json.loads((demo_run[0] / "gguf" / "manifest.json").read_text())
     assert manifest["results"]["problems"] == []
     assert {f["path"] for f in manifest["files"]} >= {p.name for p in (demo_run[0] / "gguf").glob("*.gguf")}
+    assert (demo_run[0] / "gguf" / "imatrix.gguf").is_file()  # the importance matrix the K-quants were made with
 
 
 def test_eval_table(demo_run):
