@@ -54,28 +54,33 @@ def test_training_lowered_validation_loss(demo_run):
 
 
 def test_every_gguf_loads_answers_and_stops_at_end_of_turn(demo_run):
+    """Each file answers; one that does not end its turn (after its own answer, or right after a finished one) is
+    one export's manifest flags, and the recommended file is one that does."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
+
+    from medtune.export.parity import AFTER_ANSWER_TOKENS, FINISHED_ANSWER, STOP_PROBE
 
     gguf_dir = demo_run[0] / "gguf"
     names = sorted(p.name for p in gguf_dir.glob(MODEL_FILES))
     assert names == [f"smollm2-135m-medical-demo-{t}.gguf" for t in ("Q4_K_M", "Q5_K_M", "Q8_0", "fp16")]
-    question = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
-                "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
-    # An answer in the trained shape (a one-sentence rationale, then the answer line): the turn ends a few tokens on.
+    results = json.loads((gguf_dir / "manifest.json").read_text())["results"]
+    verdict = {entry["file"]: entry["stops"] for entry in results["files"].values()}
     finished = (AutoTokenizer.from_pretrained(demo_run[0] / "merged").apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-        + "The pancreas produces insulin, which lowers blood glucose.\nThe answer is B.")
+        [{"role": "user", "content": STOP_PROBE}], tokenize=False, add_generation_prompt=True) + FINISHED_ANSWER)
     for name in names:
         llm = Llama(model_path=str(gguf_dir / name), n_ctx=2048, verbose=False)
-        out = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
+        out = llm.create_chat_completion([{"role": "user", "content": STOP_PROBE}], temperature=0.0,
                                          max_tokens=768)
         choice = out["choices"][0]
         assert choice["message"]["content"].strip(), name
-        assert choice["finish_reason"] == "stop", (name, choice["message"]["content"][-300:])
         assert "<|im_end|>" not in choice["message"]["content"]
-        after = llm.create_completion(finished, temperature=0.0, max_tokens=16)["choices"][0]
-        assert after["finish_reason"] == "stop", (name, after["text"])
+        after = llm.create_completion(finished, temperature=0.0, max_tokens=AFTER_ANSWER_TOKENS)["choices"][0]
+        stops = choice["finish_reason"] == "stop" and after["finish_reason"] == "stop"
+        # a file that does not end its turn here is one export flagged (and so does not recommend)
+        assert stops or not verdict[name], (name, choice["message"]["content"][-300:], after["text"])
+    assert verdict["smollm2-135m-medical-demo-fp16.gguf"]  # a float file that does not stop fails the export
+    assert verdict[results["recommended"]["file"]], results["recommended"]
 
 
 def test_tensor_types_match_file_names(demo_run):

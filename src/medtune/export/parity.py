@@ -12,7 +12,8 @@ process per file, so a llama.cpp build that crashes on this CPU is reported inst
 - perplexity on `HELD_OUT`, a medical text written for this check (it is in no training set), so each quant can be
   compared with the F16 file;
 - runtime: one greedy chat answer through the file's own chat template, which must be non-empty (and, normally,
-  end at the end-of-turn token); `stop_probe`, a second answer (STOP_PROBE) that must end too.
+  end at the end-of-turn token); `stop_probe`, a second answer (STOP_PROBE) that must end too; `after_answer`: right
+  after a finished answer to it (FINISHED_ANSWER) the file must end its turn within AFTER_ANSWER_TOKENS.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ CONVERSATIONS = (
 # looped while it ended its answer to the config's check prompt (BENCHMARKS.md, "A second architecture").
 STOP_PROBE = ("Please answer the following multiple-choice question:\nWhich organ produces insulin?\n"
               "A. Liver\nB. Pancreas\nC. Kidney\nD. Spleen")
+# A finished answer to it in the shape the data readers write (rationale, then the answer line): right after it the
+# file must end its turn. A file whose learned stop is thin repeats itself here (the demo's Q5_K_M file did).
+FINISHED_ANSWER = "The pancreas produces insulin, which lowers blood glucose.\nThe answer is B."
+AFTER_ANSWER_TOKENS = 16
 
 # Held-out text for perplexity: written for this check, in no training set; a few hundred tokens of clinical prose.
 HELD_OUT = """\
@@ -356,6 +361,11 @@ def check_file(spec: dict[str, Any]) -> dict[str, Any]:
                                         max_tokens=spec["max_tokens"])
     result["stop_probe"] = engine.complete([{"role": "user", "content": STOP_PROBE}], temperature=0.0, top_p=1.0,
                                            max_tokens=spec["max_tokens"])
+    if tokenizer.chat_template:
+        finished = tokenizer.apply_chat_template([{"role": "user", "content": STOP_PROBE}], tokenize=False,
+                                                 add_generation_prompt=True) + FINISHED_ANSWER
+        after = engine.llm.create_completion(finished, temperature=0.0, max_tokens=AFTER_ANSWER_TOKENS)["choices"][0]
+        result["after_answer"] = {"text": after["text"], "finish_reason": after["finish_reason"]}
     del engine
     lap("runtime")
 

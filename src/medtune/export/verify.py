@@ -22,6 +22,7 @@ from typing import Any
 from gguf import GGUFValueType, Keys
 
 from medtune.errors import MedtuneError
+from medtune.export.parity import AFTER_ANSWER_TOKENS
 from medtune.gguf_types import BY_NAME, TYPES
 
 
@@ -194,6 +195,10 @@ def judge(result: dict[str, Any], gguf_type: str, limits: Limits, reference_ppl:
             problems.append("empty answer" + where)
         if runtime["finish_reason"] != "stop":
             problems.append(f"did not stop at the end-of-turn token within {limits.smoke_max_tokens} tokens{where}")
+    after = result.get("after_answer")
+    if after is not None and limits.require_answer and after["finish_reason"] != "stop":
+        problems.append(f"did not stop at the end-of-turn token within {AFTER_ANSWER_TOKENS} tokens after a finished "
+                        f"answer (parity.FINISHED_ANSWER), went on with {after['text'][:60]!r}")
     return problems
 
 
