@@ -259,7 +259,7 @@ def test_a_killed_export_leaves_nothing_final_and_the_next_run_finishes(tmp_path
     card = (run_dir / "gguf" / "README.md").read_text()
     assert "not a medical device" in card and "see the base model card" in card and "Apache-2.0" in card
     assert "Not available when these files were written" in card
-    assert f"Use `{chosen['file']}`" in card and f"FROM ./{chosen['file']}" in modelfile
+    assert f"**Recommended file: `{chosen['file']}`**" in card and f"FROM ./{chosen['file']}" in modelfile
 
 
 def test_model_card_names_licences_numbers_and_the_disclaimer(tmp_path):
